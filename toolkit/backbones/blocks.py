@@ -101,12 +101,18 @@ def mbconv(
     return x
 
 
-def classifier_top(x: keras.KerasTensor, dropout: float, mapping: dict[str, str], torch_fc: str) -> keras.KerasTensor:
-    """ImageNet top: global average pool → dropout → 1000 logits (no softmax)."""
+TOP_LAYER = "predictions"
+
+
+def classifier_top(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
+    """ImageNet top: global average pool → dropout → 1000 logits (no softmax).
+
+    Builders map :data:`TOP_LAYER` to the torch classifier whether or not they
+    add the top, so the strict loader knows those tensors are accounted for.
+    """
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(dropout, name="top_dropout")(x)
-    mapping["predictions"] = torch_fc
-    return layers.Dense(1000, name="predictions")(x)
+    return layers.Dense(1000, name=TOP_LAYER)(x)
 
 
 def normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> layers.Layer:

@@ -16,7 +16,7 @@ import math
 
 import keras
 
-from toolkit.backbones.blocks import BNConfig, TorchNames, classifier_top, conv_bn, mbconv, normalization
+from toolkit.backbones.blocks import TOP_LAYER, BNConfig, TorchNames, classifier_top, conv_bn, mbconv, normalization
 from toolkit.backbones.registry import Stage
 
 _BN = BNConfig(epsilon=1e-3, momentum=0.99)
@@ -37,12 +37,13 @@ class LiteVariant:
     dropout: float
     checkpoint: str  # file name in toolkit.weights.KNOWN_CHECKPOINTS
     imagenet_top1: float  # Google's published TF-Lite float accuracy
+    params: int  # without the ImageNet top
 
 
 VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth", 75.1),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth", 76.7),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth", 77.6),
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth", 75.1, 3_413_024),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth", 76.7, 4_189_344),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth", 77.6, 4_869_168),
 }
 
 
@@ -80,6 +81,7 @@ def build_variant(variant: LiteVariant, name: str, input_shape: tuple, include_t
             channels, index = out, index + 1
 
     x = conv_bn(x, 1280, 1, 1, "head", "same", _BN, mapping, "_conv_head", "_bn1")
+    mapping[TOP_LAYER] = "_fc"
     if include_top:
-        x = classifier_top(x, variant.dropout, mapping, "_fc")
+        x = classifier_top(x, variant.dropout)
     return keras.Model(inputs, x, name=name), mapping

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from toolkit.backbones.blocks import BNConfig, TorchNames, classifier_top, conv_bn, mbconv, normalization
+from toolkit.backbones.blocks import TOP_LAYER, BNConfig, TorchNames, classifier_top, conv_bn, mbconv, normalization
 from toolkit.backbones.registry import Stage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +49,8 @@ def build(input_shape: tuple, include_top: bool) -> tuple[keras.Model, dict[str,
             channels, index = c, index + 1
 
     x = conv_bn(x, 1280, 1, 1, "head", "torch", _BN, mapping, f"features.{index}.0", f"features.{index}.1")
+    mapping[TOP_LAYER] = "classifier.1"
     if include_top:
-        x = classifier_top(x, 0.2, mapping, "classifier.1")
+        x = classifier_top(x, 0.2)
     return keras.Model(inputs, x, name="mobilenet_v2"), mapping
 

@@ -52,6 +52,7 @@ class BackboneSpec:
     imagenet_top1: float | None
     feature_layer: str | None  # None: the model output (include_top=False) is the feature map
     stages: tuple[Stage, ...]
+    params: int  # without the ImageNet top; a test checks it against the built model
     checkpoint: str | None = None  # offline-torch: file name in toolkit.weights.KNOWN_CHECKPOINTS
     keras_weights_file: str | None = None  # keras-imagenet: cache file name of the no-top weights
     description: str = ""

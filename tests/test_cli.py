@@ -1,0 +1,71 @@
+"""The console entry point and the finetune job end to end on real images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import keras
+import numpy as np
+import pytest
+
+from toolkit.cli import build_parser, main
+
+
+def test_help_of_every_subcommand_is_complete():
+    parser = build_parser()
+    top = parser.format_help()
+    for command in ("finetune", "backbones"):
+        assert command in top
+    finetune_help = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "finetune", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--data", "--backbone", "--weights", "--epochs", "--seed", "--out", "--overwrite", "--val-fraction"):
+        assert flag in finetune_help
+
+
+def test_backbones_table_lists_every_backbone(capsys):
+    from toolkit import backbones
+
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in backbones.names():
+        assert name in out
+    row = next(line for line in out.splitlines() if line.startswith("mobilenet_v2 "))
+    assert "2.3M" in row and "224" in row and "71.9" in row and "yes" in row
+
+
+def test_bad_arguments_exit_2_with_message(tmp_path, capsys):
+    assert main(["finetune", "--data", str(tmp_path / "missing")]) == 2
+    assert "Data folder not found" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(tmp_path), "--backbone", "resnet5"]) == 2
+    assert "Did you mean 'resnet50'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(sample_data), "--epochs", "4", "--batch-size", "16",
+            "--image-size", "160", "--out", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_accuracy"] >= 0.5, metrics  # 4 classes: chance is 0.25
+    assert set(metrics["per_class_accuracy"]) == {"circle", "square", "star", "triangle"}
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["backbone"] == "mobilenet_v2" and config["image_size"] == 160
+    assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "star", "triangle"]
+    assert (out / "history.csv").read_text().startswith("epoch,")
+
+    model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 160, 160, 3)).astype("float32")
+    probs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert model.get_layer("class_maps").output.shape[-1] == 4
+
+    # A second run into the same folder is refused, and nothing there is touched.
+    before = (out / "model.keras").stat().st_mtime_ns
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "model.keras").stat().st_mtime_ns == before

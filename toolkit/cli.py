@@ -1,0 +1,180 @@
+"""The ``toolkit`` command: one entry point, one subcommand per job.
+
+Only this module configures logging and output; the library modules just log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+logger = logging.getLogger("toolkit")
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (absl INFO lines) hidden.
+
+    Those lines are written to file descriptor 2 before any log level applies,
+    and bury the messages users need to read. Python errors still surface: an
+    exception raised by the import propagates after stderr is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("TOOLKIT_TF_CHATTER") or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("toolkit").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from toolkit import backbones
+
+    rows = []
+    for name in backbones.names():
+        spec = backbones.get_spec(name)
+        available, where = backbones.weights_available(name)
+        top1 = f"{spec.imagenet_top1:.1f}" if spec.imagenet_top1 is not None else "-"
+        rows.append((name, f"{spec.params / 1e6:.1f}M", str(spec.input_size), top1, f"{'yes' if available else 'no'} ({where})", spec.family))
+    header = ("name", "params", "input", "top-1", "weights here now", "family")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from toolkit.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        data=args.data,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        label_smoothing=args.label_smoothing,
+        dropout=args.dropout,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        out=args.out,
+        overwrite=args.overwrite,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    result = finetune(config)
+    print(f"validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="train a classifier on a folder of labelled images",
+        description=(
+            "Train an image classifier from a pretrained backbone. DATA is a folder with one sub-folder per "
+            "class, or with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per "
+            "class. Without a validation folder, a stratified split of --val-fraction is held out. The "
+            "backbone is frozen and a Network-in-Network head (1x1 conv per class + global average "
+            "pooling) is trained. Writes model.keras, config.toml, classes.json, metrics.json and "
+            "history.csv into the run folder."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="dataset folder (see above)")
+    p.add_argument("--backbone", default="mobilenet_v2", help="backbone name; `toolkit backbones` lists them")
+    p.add_argument(
+        "--weights", default="imagenet",
+        help="'imagenet', 'none' for random init, or a path to a Keras weights file (or torch .pth for "
+        "mobilenet_v2 / efficientnet_lite*)",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the class maps")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when DATA has no val/ folder")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, augmentation and initialisation")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<backbone>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _weights_arg(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toolkit",
+        description="Transfer learning for small-data image classification (Keras 3 / TensorFlow).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_finetune(sub)
+    p = sub.add_parser(
+        "backbones",
+        help="list the available backbones",
+        description="List registered backbones: name, parameters (without the ImageNet classifier), default "
+        "input size, ImageNet top-1 (%), whether their ImageNet weights can be loaded on this machine now "
+        "(installed offline package, Keras cache, or a download is needed), and family.",
+    )
+    p.set_defaults(func=_cmd_backbones)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "weights", None) is not None:
+        args.weights = _weights_arg(args.weights)
+    _configure_logging(args.verbose)
+    _import_tensorflow_quietly()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("toolkit: interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"toolkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
