@@ -102,15 +102,17 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         help="train a classifier on a folder of labelled images",
         description=(
             "Train an image classifier from a pretrained backbone. DATA is a folder with one sub-folder per "
-            "class, or with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per "
-            "class. Without a validation folder, a stratified split of --val-fraction is held out. The "
+            "class, a folder with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per "
+            "class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV). Without a "
+            "validation split, a stratified split of --val-fraction is held out. Every image is verified by "
+            "decoding; unusable files are skipped and listed. The "
             "backbone is frozen and a Network-in-Network head (1x1 conv per class + global average "
-            "pooling) is trained. Writes model.keras, config.toml, classes.json, metrics.json and "
-            "history.csv into the run folder."
+            "pooling) is trained. Writes model.keras, config.toml, classes.json, metrics.json, "
+            "history.csv, pca.json, data.json and report.md into the run folder."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="dataset folder (see above)")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest (see above)")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone name; `toolkit backbones` lists them")
     p.add_argument(
         "--weights", default="imagenet",
@@ -134,6 +136,52 @@ def _weights_arg(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+# ----------------------------------------------------------------------------- inspect
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from toolkit.datasets import dataset_statistics, load_splits
+
+    splits = load_splits(args.data, args.val_fraction, args.seed, progress=True)
+    stats = dataset_statistics(splits)
+    print(f"data: {splits.source}")
+    print(f"classes: {stats['classes']}; train {stats['train_images']}, val {stats['val_images']} "
+          f"({stats['val_source']}), test {stats['test_images']}")
+    width = max(len(n) for n in splits.class_names)
+    print(f"  {'class':<{width}}  train    val")
+    for name in splits.class_names:
+        print(f"  {name:<{width}}  {stats['train_per_class'][name]:>5}  {stats['val_per_class'][name]:>5}")
+    print(f"imbalance ratio (largest/smallest train class): {stats['imbalance_ratio']}")
+    if "image_size" in stats:
+        s = stats["image_size"]
+        print(f"image sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median {s['median'][0]}x{s['median'][1]}, "
+              f"max {s['max'][0]}x{s['max'][1]}")
+    shown = [p for p in splits.problems if args.all_problems or p.severity != "info"]
+    print(f"problems: {len(splits.skipped())} files skipped, "
+          f"{sum(p.severity == 'warning' for p in splits.problems)} warnings, "
+          f"{sum(p.severity == 'info' for p in splits.problems)} handled automatically")
+    for p in shown:
+        print(f"  {p.severity:<8} {p.path}: {p.reason}")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="describe a dataset: classes, counts, image sizes, problems",
+        description="Verify every image of DATA (decoding it; verdicts are cached) and print the classes, images "
+        "per class and split, the imbalance ratio, image sizes, and every problem found: files that will be "
+        "skipped (with the reason), warnings such as train/test leakage, and files handled automatically "
+        "(EXIF rotation, CMYK, transparency, huge images).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest (as for finetune)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when DATA has no val/ folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    p.add_argument("--all-problems", action="store_true", help="also list the files handled automatically")
+    p.set_defaults(func=_cmd_inspect)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -145,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
+    _add_inspect(sub)
     p = sub.add_parser(
         "backbones",
         help="list the available backbones",

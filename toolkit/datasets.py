@@ -1,27 +1,34 @@
-"""Finding labelled images on disk: folder-per-class trees, with or without
-``train/`` / ``val/`` / ``test/`` splits, and a seeded stratified split when
-there is no validation folder.
+"""Finding labelled images, checking them, splitting them, describing them.
 
-This module only lists files and labels; decoding lives in
-:mod:`toolkit.pipeline`. Class names are sorted so that label indices do not
-depend on the file system's listing order.
+Three layouts are understood:
+
+* a folder-per-class tree (class = sub-folder, searched recursively);
+* a tree with ``train/``, ``val/`` or ``validation/``, ``test/`` splits, each
+  folder-per-class;
+* a CSV manifest (read with pandas) with ``path,label`` columns, paths
+  relative to the CSV, and an optional ``split`` column (train/val/test).
+
+Without a validation split, a stratified split with a seed is held out. Class
+names are sorted, so label indices never depend on listing order. Every file
+is verified by decoding (:mod:`toolkit.verify`); unusable files are skipped
+and reported with their reason, and the rest trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from toolkit.verify import ImageRecord, VerificationCache, verify_files
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-TRAIN_NAMES = ("train",)
-VAL_NAMES = ("val", "validation", "valid")
-TEST_NAMES = ("test",)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"})
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
 
 class DatasetError(ValueError):
@@ -29,12 +36,20 @@ class DatasetError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+    severity: str  # "skipped" (file not used), "warning" (used, but look at it), "info" (handled)
+
+
+@dataclasses.dataclass(frozen=True)
 class Split:
-    """Image paths with integer labels into ``class_names``."""
+    """Images with integer labels into ``class_names``; ``records`` once verified."""
 
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
+    records: tuple[ImageRecord, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,6 +58,20 @@ class Split:
         c = Counter(self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
 
+    def take(self, indices) -> "Split":
+        records = tuple(self.records[i] for i in indices) if self.records is not None else None
+        return Split(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.class_names, records)
+
+    @property
+    def decode_paths(self) -> tuple[str, ...]:
+        return tuple(r.decode_path for r in self.records) if self.records is not None else self.paths
+
+    @property
+    def is_jpeg(self) -> tuple[bool, ...]:
+        if self.records is not None:
+            return tuple(r.is_jpeg for r in self.records)
+        return tuple(Path(p).suffix.lower() in (".jpg", ".jpeg", ".jfif") for p in self.paths)
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSplits:
@@ -50,42 +79,38 @@ class DatasetSplits:
     val: Split
     test: Split | None
     class_names: tuple[str, ...]
-    val_source: str  # "folder" or "stratified split (fraction f, seed s)"
+    val_source: str
+    problems: tuple[Problem, ...] = ()
+    source: str = ""
+
+    def skipped(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "skipped"]
+
+
+# ----------------------------------------------------------------------------- discovery
 
 
 def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
+    return path.name.startswith(".")  # .DS_Store, ._resource forks, .git ...
 
 
-def _class_folders(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)), key=lambda p: p.name)
-
-
-def _list_images(class_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in class_dir.rglob("*") if p.is_file() and not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def scan_class_tree(root: Path, class_names: tuple[str, ...] | None = None) -> Split:
-    """All images under ``root/<class>/`` (recursively), labelled by sub-folder."""
-    folders = _class_folders(root)
-    names = tuple(p.name for p in folders) if class_names is None else class_names
-    index = {n: i for i, n in enumerate(names)}
-    paths: list[str] = []
-    labels: list[int] = []
-    for folder in folders:
-        if folder.name not in index:
-            raise DatasetError(
-                f"{folder}: class {folder.name!r} is not among the training classes {list(names)}; "
-                "every split must use the same class folders."
-            )
-        images = _list_images(folder)
+def _scan_class_tree(root: Path, problems: list[Problem]) -> dict[str, list[str]]:
+    """{class name: image paths} for root/<class>/**; hidden files and non-images are left out."""
+    found: dict[str, list[str]] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
+        files = sorted(
+            p for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
+        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        others = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        for p in others:
+            problems.append(Problem(str(p), f"not an image file name ({p.suffix or 'no extension'}); ignored", "info"))
         if not images:
-            logger.warning("%s: empty class folder (no images); ignored", folder)
-        paths += [str(p) for p in images]
-        labels += [index[folder.name]] * len(images)
-    return Split(tuple(paths), tuple(labels), names)
+            problems.append(Problem(str(folder), "empty class folder (no images); class ignored", "warning"))
+            continue
+        found[folder.name] = images
+    return found
 
 
 def _find_child(root: Path, candidates: tuple[str, ...]) -> Path | None:
@@ -93,6 +118,61 @@ def _find_child(root: Path, candidates: tuple[str, ...]) -> Path | None:
         if (root / name).is_dir():
             return root / name
     return None
+
+
+def _read_manifest(csv_path: Path, problems: list[Problem]) -> dict[str, dict[str, list[str]]]:
+    """{split: {class: paths}} from a CSV with path,label[,split] columns."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{csv_path}: cannot be read as CSV ({exc}). Expected columns path,label[,split].") from exc
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise DatasetError(
+            f"{csv_path}: missing column(s) {sorted(missing)}. Received columns: {list(frame.columns)}; "
+            "expected path,label and optionally split (train/val/test)."
+        )
+    out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    aliases = {alias: split for split, names in SPLIT_NAMES.items() for alias in names}
+    for row_number, row in enumerate(frame.itertuples(index=False), start=2):
+        rel, label = str(row.path).strip(), str(row.label).strip()
+        split = aliases.get(str(getattr(row, "split", "train") or "train").strip().lower())
+        if not rel or not label:
+            problems.append(Problem(f"{csv_path}:{row_number}", "empty path or label; row ignored", "skipped"))
+            continue
+        if split is None:
+            problems.append(Problem(f"{csv_path}:{row_number}", f"unknown split {row.split!r} (use train/val/test); row ignored", "skipped"))
+            continue
+        path = (csv_path.parent / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+        if not path.is_file():
+            problems.append(Problem(str(path), f"listed in {csv_path.name} (line {row_number}) but missing", "skipped"))
+            continue
+        out[split][label].append(str(path))
+    return out
+
+
+def _discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], str]:
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _read_manifest(root, problems), f"CSV manifest {root}"
+    if not root.is_dir():
+        raise DatasetError(
+            f"Data folder not found. Received: data={str(root)!r}. Pass a folder with one sub-folder per class, "
+            "a folder with train/ and val/ splits, or a CSV manifest with path,label columns."
+        )
+    train_dir = _find_child(root, SPLIT_NAMES["train"])
+    if train_dir is None:
+        return {"train": _scan_class_tree(root, problems)}, f"folder-per-class tree {root}"
+    layout = {"train": _scan_class_tree(train_dir, problems)}
+    for split in ("val", "test"):
+        child = _find_child(root, SPLIT_NAMES[split])
+        if child is not None:
+            layout[split] = _scan_class_tree(child, problems)
+    return layout, f"split folders under {root}"
+
+
+# ----------------------------------------------------------------------------- splitting
 
 
 def stratified_split(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
@@ -106,51 +186,142 @@ def stratified_split(split: Split, val_fraction: float, seed: int) -> tuple[Spli
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
         n_val = int(round(len(idx) * val_fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)  # keep at least one image on each side
-        else:
-            n_val = 0
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0  # keep one on each side
         val_idx += idx[:n_val].tolist()
     val_set = set(val_idx)
     train_idx = [i for i in range(len(split)) if i not in val_set]
-    val_idx.sort()
-
-    def take(indices: list[int]) -> Split:
-        return Split(tuple(split.paths[i] for i in indices), tuple(split.labels[i] for i in indices), split.class_names)
-
-    return take(train_idx), take(val_idx)
+    return split.take(train_idx), split.take(sorted(val_idx))
 
 
-def load_splits(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """Discover the dataset at ``data`` and return train / val (/ test) splits.
+def _make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...], records: dict[str, ImageRecord] | None,
+                where: str, problems: list[Problem]) -> Split:
+    index = {n: i for i, n in enumerate(class_names)}
+    paths, labels, recs = [], [], []
+    for name, files in sorted(by_class.items()):
+        if name not in index:
+            problems.append(Problem(where, f"class {name!r} is not among the training classes; its images are ignored", "warning"))
+            continue
+        for f in files:
+            if records is not None:
+                r = records[f]
+                if not r.ok:
+                    continue
+                recs.append(r)
+            paths.append(f)
+            labels.append(index[name])
+    return Split(tuple(paths), tuple(labels), class_names, tuple(recs) if records is not None else None)
+
+
+def load_splits(
+    data: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    verify: bool = True,
+    cache: VerificationCache | None = None,
+    progress: bool = False,
+) -> DatasetSplits:
+    """Discover, verify and split the dataset at ``data``.
 
     Raises:
-        DatasetError: missing folder, no images, or fewer than two classes.
+        DatasetError: nothing usable (missing folder, no images, fewer than two classes).
     """
     root = Path(data)
-    if not root.is_dir():
-        raise DatasetError(f"Data folder not found. Received: data={str(data)!r}. Pass a folder with one sub-folder per class.")
-    train_dir = _find_child(root, TRAIN_NAMES)
-    base = train_dir or root
-    train = scan_class_tree(base)
-    present = [name for name, n in train.counts().items() if n > 0]
-    if len(train) == 0:
+    problems: list[Problem] = []
+    layout, source = _discover(root, problems)
+
+    records: dict[str, ImageRecord] | None = None
+    if verify:
+        all_paths = [p for split in layout.values() for files in split.values() for p in files]
+        records = {r.path: r for r in verify_files(all_paths, cache, progress=progress)}
+        for r in records.values():
+            if not r.ok:
+                problems.append(Problem(r.path, r.reason, "skipped"))
+            elif r.reason:
+                problems.append(Problem(r.path, r.reason, "info"))
+
+    train_layout = layout.get("train", {})
+    usable = {c: [p for p in files if records is None or records[p].ok] for c, files in train_layout.items()}
+    for c, files in usable.items():
+        if not files and train_layout[c]:
+            problems.append(Problem(c, "every image of this class is unusable; class ignored", "warning"))
+    class_names = tuple(sorted(c for c, files in usable.items() if files))
+    if not class_names:
         raise DatasetError(
-            f"{base}: no images found. Expected one sub-folder per class holding images "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
+            f"{root}: no usable images found. Expected one sub-folder per class holding images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); {len([p for p in problems if p.severity == 'skipped'])} files were unusable."
         )
-    if len(present) < 2:
+    if len(class_names) < 2:
         raise DatasetError(
-            f"{base}: found images for {len(present)} class(es) {present}; a classifier needs at least two "
+            f"{root}: found usable images for only one class {list(class_names)}; a classifier needs at least two "
             "class folders with images."
         )
-    val_dir = _find_child(root, VAL_NAMES) if train_dir else None
-    test_dir = _find_child(root, TEST_NAMES) if train_dir else None
-    if val_dir is not None:
-        val = scan_class_tree(val_dir, train.class_names)
-        source = f"folder {val_dir.name}/"
+
+    train = _make_split(train_layout, class_names, records, str(root), problems)
+    if "val" in layout:
+        val = _make_split(layout["val"], class_names, records, str(root), problems)
+        val_source = "validation split from the data"
     else:
         train, val = stratified_split(train, val_fraction, seed)
-        source = f"stratified split (fraction {val_fraction}, seed {seed})"
-    test = scan_class_tree(test_dir, train.class_names) if test_dir is not None else None
-    return DatasetSplits(train, val, test, train.class_names, source)
+        val_source = f"stratified split (fraction {val_fraction}, seed {seed})"
+    test = _make_split(layout["test"], class_names, records, str(root), problems) if "test" in layout else None
+
+    if records is not None:
+        problems += _duplicates(train, val, test)
+    for p in problems:
+        log = logger.warning if p.severity in ("skipped", "warning") else logger.debug
+        log("%s: %s: %s", p.severity, p.path, p.reason)
+    return DatasetSplits(train, val, test, class_names, val_source, tuple(problems), source)
+
+
+def _duplicates(train: Split, val: Split, test: Split | None) -> list[Problem]:
+    """Byte-identical files: across train and val/test (leakage) or within one split."""
+    where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        if split is None or split.records is None:
+            continue
+        for r in split.records:
+            where[r.sha1].append((name, r.path))
+    problems = []
+    for group in where.values():
+        if len(group) < 2:
+            continue
+        splits = {s for s, _ in group}
+        others = ", ".join(f"{s}:{p}" for s, p in group[1:])
+        if "train" in splits and splits & {"val", "test"}:
+            problems.append(Problem(group[0][1], f"leakage: byte-identical copies in train and {'/'.join(sorted(splits - {'train'}))} ({others})", "warning"))
+        else:
+            problems.append(Problem(group[0][1], f"byte-identical duplicate ({others})", "info"))
+    return problems
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def dataset_statistics(splits: DatasetSplits) -> dict:
+    """Counts per class and split, imbalance ratio and image-size summary (pure)."""
+    counts = splits.train.counts()
+    nonzero = [n for n in counts.values() if n > 0]
+    stats = {
+        "classes": len(splits.class_names),
+        "class_names": list(splits.class_names),
+        "train_images": len(splits.train),
+        "val_images": len(splits.val),
+        "test_images": len(splits.test) if splits.test is not None else 0,
+        "train_per_class": counts,
+        "val_per_class": splits.val.counts(),
+        "min_per_class": min(nonzero),
+        "max_per_class": max(nonzero),
+        "imbalance_ratio": round(max(nonzero) / min(nonzero), 2),
+        "val_source": splits.val_source,
+        "skipped_files": len(splits.skipped()),
+    }
+    records = [r for s in (splits.train, splits.val, splits.test) if s is not None and s.records for r in s.records]
+    if records:
+        w = np.array([r.width for r in records])
+        h = np.array([r.height for r in records])
+        stats["image_size"] = {
+            "min": [int(w.min()), int(h.min())],
+            "median": [int(np.median(w)), int(np.median(h))],
+            "max": [int(w.max()), int(h.max())],
+        }
+    return stats

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from toolkit import backbones, runs
-from toolkit.datasets import DatasetSplits, load_splits
+from toolkit.augment import AugmentConfig
+from toolkit.datasets import DatasetSplits, dataset_statistics, load_splits
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class FinetuneConfig:
     out: str | None = None
     overwrite: bool = False
     verbose: int = 1  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    crop_fraction: float = 0.875  # evaluation centre crop
 
     def validate(self) -> None:
         backbones.get_spec(self.backbone)  # did-you-mean on a bad name
@@ -53,6 +56,9 @@ class FinetuneConfig:
             raise ValueError(f"label_smoothing must be in [0, 1). Received: label_smoothing={self.label_smoothing!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
+        self.augment.validate()
 
 
 @dataclasses.dataclass
@@ -78,6 +84,7 @@ def _per_class_accuracy(labels: np.ndarray, predicted: np.ndarray, class_names: 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     import keras
 
+    from toolkit.augment import pca_statistics
     from toolkit.head import build_classifier
     from toolkit.pipeline import make_dataset
 
@@ -87,9 +94,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run_dir = runs.prepare_run_dir(config.out or runs.default_run_dir(config.backbone), config.overwrite)
     keras.utils.set_random_seed(config.seed)
 
-    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed)
-    num_classes = len(splits.class_names)
     timings: dict[str, float] = {}
+    start = time.perf_counter()
+    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed, progress=config.verbose > 0)
+    num_classes = len(splits.class_names)
+    pca = pca_statistics(list(splits.train.decode_paths), seed=config.seed) if config.augment.pca_sigma > 0 else None
+    timings["data_s"] = time.perf_counter() - start
+    log_problems(splits)
 
     start = time.perf_counter()
     backbone = backbones.create(config.backbone, input_shape=(image_size, image_size, 3), weights=config.weights)
@@ -110,15 +121,20 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     )
 
     to_one_hot = _one_hot(num_classes)
-    train_ds = make_dataset(splits.train, image_size, config.batch_size, training=True, seed=config.seed).map(to_one_hot)
-    val_ds = make_dataset(splits.val, image_size, config.batch_size, training=False).map(to_one_hot)
+    train_ds = make_dataset(
+        splits.train, image_size, config.batch_size, training=True, seed=config.seed,
+        augment_config=config.augment, pca=pca, crop_fraction=config.crop_fraction,
+    ).map(to_one_hot)
+    val_ds = make_dataset(splits.val, image_size, config.batch_size, training=False, crop_fraction=config.crop_fraction).map(to_one_hot)
 
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=config.verbose)
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probs = model.predict(make_dataset(splits.val, image_size, config.batch_size, training=False), verbose=0)
+    probs = model.predict(
+        make_dataset(splits.val, image_size, config.batch_size, training=False, crop_fraction=config.crop_fraction), verbose=0
+    )
     labels = np.asarray(splits.val.labels)
     predicted = probs.argmax(axis=1)
     eps = 1e-7
@@ -133,22 +149,64 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     timings["evaluate_s"] = time.perf_counter() - start
     metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
 
-    _write_run(run_dir, model, config, image_size, splits, history.history, metrics)
+    _write_run(run_dir, model, config, image_size, splits, history.history, metrics, pca)
     logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"], len(labels), run_dir)
     return FinetuneResult(run_dir, metrics)
 
 
+def log_problems(splits: DatasetSplits) -> None:
+    """Say, on the log, what was skipped and why (every file, by name) and what looks wrong."""
+    skipped = splits.skipped()
+    if skipped:
+        logger.warning("%d unusable files skipped:", len(skipped))
+        for p in skipped:
+            logger.warning("  skipped %s: %s", p.path, p.reason)
+    for p in splits.problems:
+        if p.severity == "warning":
+            logger.warning("data warning: %s: %s", p.path, p.reason)
+
+
+def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str] | None = None) -> str:
+    """The run's report.md: data summary, problems found, and any further sections."""
+    lines = ["# Run report", "", "## Data", "", f"Source: {splits.source}; validation: {splits.val_source}.", ""]
+    lines += ["| class | train | val |", "|---|---:|---:|"]
+    for name in splits.class_names:
+        lines.append(f"| {name} | {stats['train_per_class'][name]} | {stats['val_per_class'][name]} |")
+    lines += ["", f"Imbalance ratio (largest / smallest train class): {stats['imbalance_ratio']}."]
+    if "image_size" in stats:
+        size = stats["image_size"]
+        lines.append(f"Image sizes (w x h): min {size['min'][0]}x{size['min'][1]}, median {size['median'][0]}x{size['median'][1]}, "
+                     f"max {size['max'][0]}x{size['max'][1]}.")
+    lines += ["", "## Problems found", ""]
+    if splits.problems:
+        lines += ["| severity | file | reason |", "|---|---|---|"]
+        for p in splits.problems:
+            lines.append(f"| {p.severity} | `{p.path}` | {p.reason} |")
+    else:
+        lines.append("None.")
+    for title, body in (sections or {}).items():
+        lines += ["", f"## {title}", "", body]
+    return "\n".join(lines) + "\n"
+
+
 def _write_run(run_dir: Path, model, config: FinetuneConfig, image_size: int, splits: DatasetSplits,
-               history: dict[str, list[float]], metrics: dict[str, Any]) -> None:
+               history: dict[str, list[float]], metrics: dict[str, Any], pca: dict | None) -> None:
     import pandas as pd
 
     with runs.atomic_path(run_dir / "model.keras") as tmp:
         model.save(tmp)
     resolved = dataclasses.asdict(config) | {"image_size": image_size}
+    resolved["augment"] = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved["augment"].items()}
     resolved["out"] = str(run_dir)
     runs.write_text(run_dir / "config.toml", runs.to_toml(resolved))
     runs.write_json(run_dir / "classes.json", list(splits.class_names))
     runs.write_json(run_dir / "metrics.json", metrics)
+    if pca is not None:
+        runs.write_json(run_dir / "pca.json", pca)
+    stats = dataset_statistics(splits)
+    runs.write_json(run_dir / "data.json", {"statistics": stats, "problems": [dataclasses.asdict(p) for p in splits.problems]})
+    timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
+    runs.write_text(run_dir / "report.md", report_markdown(splits, stats, {"Timings": timings}))
     buffer = io.StringIO()
     frame = pd.DataFrame(history)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))

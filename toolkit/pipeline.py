@@ -1,47 +1,86 @@
-"""tf.data input pipelines: decode, crop/resize, batch, prefetch.
+"""tf.data input pipelines that run at the speed of JPEG decoding.
 
-Images leave the pipeline as float32 raw RGB in [0, 255]; normalisation is the
-model's job (its preprocessing layer), so training, evaluation and exported
-models all see the same pixels.
+Every crop -- the evaluation centre crop, the random-resized crop, the classic
+resize-256-then-random-224 crop -- is computed as a window on the *original*
+image from its header (``tf.image.extract_jpeg_shape``), and only that window
+is decoded (``tf.image.decode_and_crop_jpeg``); the window is then resized to
+the model's size. Flip and colour ops run on the small result. Non-JPEG files
+are decoded whole and sliced. Files stream from disk (``read_file`` inside a
+parallel ``map``), so memory does not grow with the dataset.
+
+Images leave the pipeline as float32 raw RGB in [0, 255]; normalisation is
+inside the model.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import tensorflow as tf
 
+from toolkit import augment
+from toolkit.augment import AugmentConfig
 from toolkit.datasets import Split
 
 AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_CROP_FRACTION = 0.875
 
-
-def decode_rgb(path: tf.Tensor) -> tf.Tensor:
-    """File → uint8 (H, W, 3); grey/RGBA/palette become RGB, GIFs give their first frame."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+Window = Callable[[tf.Tensor], tf.Tensor]  # image shape (h, w, ...) → (top, left, height, width)
 
 
-def centre_crop(image: tf.Tensor, size: int, crop_fraction: float = DEFAULT_CROP_FRACTION) -> tf.Tensor:
-    """Resize the shorter side to ``size / crop_fraction``, then cut the central size x size."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (size / crop_fraction) / tf.reduce_min(shape)
-    new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-    top = (new_hw[0] - size) // 2
-    left = (new_hw[1] - size) // 2
-    return resized[top : top + size, left : left + size, :]
+def decode_window(data: tf.Tensor, is_jpeg: tf.Tensor, window: Window, fast_idct: bool = False) -> tf.Tensor:
+    """Decode only ``window(shape)`` of an encoded image: uint8 (h, w, 3).
+
+    ``fast_idct`` selects libjpeg's faster integer IDCT (as TF's own ImageNet
+    input pipelines do for training); evaluation keeps the accurate one.
+    """
+
+    def jpeg() -> tf.Tensor:
+        win = window(tf.image.extract_jpeg_shape(data))
+        return tf.image.decode_and_crop_jpeg(data, win, channels=3, dct_method="INTEGER_FAST" if fast_idct else "")
+
+    def other() -> tf.Tensor:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        win = window(tf.shape(image))
+        return tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], 3]))
+
+    crop = tf.cond(is_jpeg, jpeg, other)
+    crop.set_shape([None, None, 3])
+    return crop
 
 
-def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
-    """Inception-style crop: a random box of the given area and aspect ranges, resized to size."""
-    bbox = tf.zeros([1, 0, 4], tf.float32)
-    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bbox, seed=seed, area_range=scale, aspect_ratio_range=ratio,
-        min_object_covered=0.0, max_attempts=10, use_image_if_no_bounding_boxes=True,
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    return tf.image.resize(image, [size, size], method="bilinear", antialias=False)
+
+
+def eval_image(data: tf.Tensor, is_jpeg: tf.Tensor, size: int, crop_fraction: float = DEFAULT_CROP_FRACTION) -> tf.Tensor:
+    """Evaluation view: central square of ``crop_fraction`` of the shorter side, resized to size."""
+    return resize(decode_window(data, is_jpeg, lambda s: augment.centre_window(s, crop_fraction)), size)
+
+
+def train_crop(
+    data: tf.Tensor, is_jpeg: tf.Tensor, seed: tf.Tensor, size: int, config: AugmentConfig,
+    eval_crop_fraction: float = DEFAULT_CROP_FRACTION,
+) -> tf.Tensor:
+    """Random crop (decoding only its window), mirrored half of the time, resized to size.
+
+    The mirror is applied to the small uint8 window, and only when the coin says so.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    window = lambda s: augment.train_window(s, seeds[0], config, eval_crop_fraction)  # noqa: E731
+    crop = decode_window(data, is_jpeg, window, fast_idct=True)
+    if config.flip:
+        mirror = augment.flip_coins(crop, seeds[1])
+        crop = tf.cond(mirror, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return resize(crop, size)
+
+
+def _source(split: Split) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(
+        (list(split.decode_paths), np.asarray(split.is_jpeg, dtype=bool), np.asarray(split.labels, dtype=np.int32))
     )
-    crop = tf.slice(image, begin, extent)
-    return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
 
 
 def make_dataset(
@@ -50,26 +89,31 @@ def make_dataset(
     batch_size: int,
     training: bool,
     seed: int = 0,
+    augment_config: AugmentConfig | None = None,
+    pca: dict | None = None,
     crop_fraction: float = DEFAULT_CROP_FRACTION,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Batched (images, labels); training adds shuffling, random crops and mirroring."""
-    ds = tf.data.Dataset.from_tensor_slices((list(split.paths), list(split.labels)))
+    """Batched ``(images, labels)``. Training shuffles and augments; deterministic for a seed."""
+    ds = _source(split)
     if training:
+        config = augment_config or AugmentConfig()
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-        # One (2,) stateless seed per element: deterministic for a given seed, new every epoch.
+        # One stateless seed per image: reproducible for a given seed, new every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds))
 
         def load(element, op_seed):
-            path, label = element
-            image = random_resized_crop(decode_rgb(path), image_size, op_seed)
-            image = tf.image.stateless_random_flip_left_right(image, op_seed + 1)
-            return image, label
+            path, is_jpeg, label = element
+            crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(tf.cast(op_seed, tf.int64), 2))
+            image = train_crop(tf.io.read_file(path), is_jpeg, crop_seed, image_size, config, crop_fraction)
+            return augment.colour_augment(image, colour_seed, config, pca), label
 
-    else:
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
 
-        def load(path, label):
-            return centre_crop(decode_rgb(path), image_size, crop_fraction), label
+    def load_eval(path, is_jpeg, label):
+        return eval_image(tf.io.read_file(path), is_jpeg, image_size, crop_fraction), label
 
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.map(load_eval, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
