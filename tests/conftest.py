@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Verification verdicts and converted images go to a throw-away cache, never the user's.
+if "TOOLKIT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TOOLKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="toolkit-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -41,17 +41,17 @@ def test_train_val_test_folders(tmp_path):
     _tree(tmp_path / "test", {"x": 1})
     splits = load_splits(tmp_path)
     assert len(splits.train) == 6 and len(splits.val) == 3 and len(splits.test) == 1
-    assert splits.val_source.startswith("folder validation")
+    assert splits.val_source == "validation split from the data"
 
 
 def test_unusable_datasets_are_refused_with_the_folder_named(tmp_path):
     with pytest.raises(DatasetError, match="Data folder not found"):
         load_splits(tmp_path / "nope")
     _tree(tmp_path / "one", {"only": 5})
-    with pytest.raises(DatasetError, match=r"one.*at least two"):
+    with pytest.raises(DatasetError, match=r"one: found usable images for only one class \['only'\]"):
         load_splits(tmp_path / "one")
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="no images found"):
+    with pytest.raises(DatasetError, match=r"empty: no usable images found"):
         load_splits(tmp_path / "empty")
 
 
