@@ -17,12 +17,13 @@ from toolkit.cli import build_parser, main
 def test_help_of_every_subcommand_is_complete():
     parser = build_parser()
     top = parser.format_help()
-    for command in ("finetune", "backbones"):
+    for command in ("finetune", "backbones", "inspect"):
         assert command in top
     finetune_help = subprocess.run(
         [sys.executable, "-m", "toolkit.cli", "finetune", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in ("--data", "--backbone", "--weights", "--epochs", "--seed", "--out", "--overwrite", "--val-fraction"):
+    for flag in ("--data", "--recipe", "--backbone", "--weights", "--freeze", "--head-epochs", "--finetune-epochs",
+                 "--seed", "--out", "--overwrite", "--resume", "--min-accuracy", "--mixed-precision", "--val-fraction"):
         assert flag in finetune_help
 
 
@@ -37,6 +38,12 @@ def test_backbones_table_lists_every_backbone(capsys):
     assert "2.3M" in row and "224" in row and "71.9" in row and "yes" in row
 
 
+def test_inspect_prints_statistics_and_problems(sample_data, capsys):
+    assert main(["inspect", "--data", str(sample_data)]) == 0
+    out = capsys.readouterr().out
+    assert "classes: 4" in out and "imbalance ratio" in out and "circle" in out and "problems: 0 files skipped" in out
+
+
 def test_bad_arguments_exit_2_with_message(tmp_path, capsys):
     assert main(["finetune", "--data", str(tmp_path / "missing")]) == 2
     assert "Data folder not found" in capsys.readouterr().err
@@ -47,16 +54,19 @@ def test_bad_arguments_exit_2_with_message(tmp_path, capsys):
 @pytest.mark.slow
 def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["finetune", "--data", str(sample_data), "--epochs", "4", "--batch-size", "16",
+    argv = ["finetune", "--data", str(sample_data), "--head-epochs", "6", "--batch-size", "16",
             "--image-size", "160", "--out", str(out)]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_accuracy"] >= 0.5, metrics  # 4 classes: chance is 0.25
     assert set(metrics["per_class_accuracy"]) == {"circle", "square", "star", "triangle"}
-    config = tomllib.loads((out / "config.toml").read_text())
-    assert config["backbone"] == "mobilenet_v2" and config["image_size"] == 160
+    config = tomllib.loads((out / "recipe.toml").read_text())
+    assert config["backbone"] == "mobilenet_v2" and config["image_size"] == 160 and config["head_epochs"] == 6
+    assert config["augment"]["colour_shift"] == 20.0
     assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "star", "triangle"]
-    assert (out / "history.csv").read_text().startswith("epoch,")
+    assert (out / "history.csv").read_text().startswith("stage,epoch,")
+    for name in ("pca.json", "data.json", "report.md", "curves.png", "classes.json"):
+        assert (out / name).is_file(), name
 
     model = keras.models.load_model(out / "model.keras", safe_mode=True)
     x = np.random.default_rng(0).uniform(0, 255, (2, 160, 160, 3)).astype("float32")

@@ -72,28 +72,35 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from toolkit.finetune import FinetuneConfig, finetune
+    from toolkit.finetune import AccuracyGateError, finetune
+    from toolkit.recipes import build_config
 
-    config = FinetuneConfig(
-        data=args.data,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        label_smoothing=args.label_smoothing,
-        dropout=args.dropout,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        out=args.out,
-        overwrite=args.overwrite,
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
-    result = finetune(config)
+    verbose = 1 if sys.stdout.isatty() else 2
+    if args.resume:
+        result_kwargs = {"resume": args.resume}
+    else:
+        if not args.data:
+            raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
+        overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES}
+        overrides["data"] = args.data
+        result_kwargs = {"config": build_config(args.recipe, overrides), "out": args.out, "overwrite": args.overwrite}
+    try:
+        result = finetune(verbose=verbose, **result_kwargs)
+    except AccuracyGateError as exc:
+        print(f"toolkit finetune: accuracy gate failed: {exc}", file=sys.stderr)
+        return 3
+    print(f"freeze plan: {result.plan.describe()}")
     print(f"validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+# Flags that override recipe values (None when not given on the command line).
+_FINETUNE_OVERRIDES = (
+    "backbone", "weights", "image_size", "batch_size", "freeze", "head_epochs", "head_lr", "finetune_epochs",
+    "finetune_lr", "label_smoothing", "dropout", "bottleneck", "class_weights", "cache_features", "val_fraction",
+    "seed", "min_accuracy", "mixed_precision",
+)
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -105,35 +112,42 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             "class, a folder with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per "
             "class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV). Without a "
             "validation split, a stratified split of --val-fraction is held out. Every image is verified by "
-            "decoding; unusable files are skipped and listed. The "
-            "backbone is frozen and a Network-in-Network head (1x1 conv per class + global average "
-            "pooling) is trained. Writes model.keras, config.toml, classes.json, metrics.json, "
-            "history.csv, pca.json, data.json and report.md into the run folder."
+            "decoding; unusable files are skipped and listed. Stage 1 trains a Network-in-Network head (1x1 conv "
+            "per class + global average pooling) on the frozen backbone, on cached features; stage 2 fine-tunes "
+            "the stages the freeze plan unfreezes. Settings come from --recipe; flags given here override it. "
+            "Writes model.keras, recipe.toml, classes.json, pca.json, history.csv, curves.png, metrics.json, "
+            "data.json and report.md into the run folder. Exit status: 0 done, 2 bad input, 3 accuracy gate failed."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="dataset folder or CSV manifest (see above)")
-    p.add_argument("--backbone", default="mobilenet_v2", help="backbone name; `toolkit backbones` lists them")
-    p.add_argument(
-        "--weights", default="imagenet",
-        help="'imagenet', 'none' for random init, or a path to a Keras weights file (or torch .pth for "
-        "mobilenet_v2 / efficientnet_lite*)",
-    )
-    p.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the class maps")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when DATA has no val/ folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, augmentation and initialisation")
+    p.add_argument("--data", help="dataset folder or CSV manifest (see above)")
+    p.add_argument("--recipe", default=None, help="recipe name in recipes/ (quick, small-data, accurate) or a TOML "
+                   "path (default: quick)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<backbone>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run from its last epoch")
+    g = p.add_argument_group("recipe overrides (default: the recipe's value)")
+    g.add_argument("--backbone", help="backbone name; `toolkit backbones` lists them")
+    g.add_argument("--weights", help="'imagenet', 'none' for random init, or a path to a Keras weights "
+                   "file (or torch .pth for mobilenet_v2 / efficientnet_lite*)")
+    g.add_argument("--freeze", help="auto (from the data, see README), all (head only), none (all stages train), a "
+                   "fraction of stages to unfreeze in [0, 1], or a stage name (it and those above train)")
+    g.add_argument("--image-size", type=int, help="input size in pixels (0: the backbone's own)")
+    g.add_argument("--batch-size", type=int, help="images per batch")
+    g.add_argument("--head-epochs", type=int, help="maximum epochs of stage 1 (head)")
+    g.add_argument("--head-lr", type=float, help="Adam learning rate of stage 1")
+    g.add_argument("--finetune-epochs", type=int, help="maximum epochs of stage 2 (unfrozen stages)")
+    g.add_argument("--finetune-lr", type=float, help="peak learning rate of stage 2 (top stage)")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
+    g.add_argument("--dropout", type=float, help="dropout before the class maps")
+    g.add_argument("--bottleneck", type=int, help="channels of the head's 1x1 bottleneck conv (0: none)")
+    g.add_argument("--class-weights", choices=("auto", "on", "off"), help="inverse-frequency class weights "
+                   "(auto: on past 3:1 imbalance)")
+    g.add_argument("--cache-features", choices=("auto", "off"), help="train the head on cached backbone features")
+    g.add_argument("--val-fraction", type=float, help="held-out fraction when DATA has no validation split")
+    g.add_argument("--seed", type=int, help="seed for the split, augmentation and initialisation")
+    g.add_argument("--min-accuracy", type=float, help="exit with status 3 if the final validation accuracy is below this")
+    g.add_argument("--mixed-precision", action="store_const", const=True, help="float16 compute (GPUs)")
     p.set_defaults(func=_cmd_finetune)
-
-
-def _weights_arg(value: str) -> str | None:
-    return None if value.lower() == "none" else value
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -208,8 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "weights", None) is not None:
-        args.weights = _weights_arg(args.weights)
     _configure_logging(args.verbose)
     _import_tensorflow_quietly()
     func: Callable[[argparse.Namespace], int] = args.func

@@ -1,15 +1,27 @@
-"""``toolkit finetune``: train a classifier on a folder of labelled images.
+"""``toolkit finetune``: the main job.
 
-This first version trains the Network-in-Network head on a frozen, pretrained
-backbone and writes a complete run folder. Freezing policy, two-stage
-fine-tuning, feature caching and resuming build on it.
+1. Find, verify and split the data; compute the PCA colour statistics.
+2. Decide the freeze plan from the data (:mod:`toolkit.freeze`).
+3. Stage 1 trains the Network-in-Network head on the frozen backbone. While
+   the backbone is frozen its outputs do not change, so by default they are
+   computed once per image and augmented view and the head trains on that
+   cache for as many epochs as it needs.
+4. Stage 2, when the plan unfreezes stages, trains them and the head at a
+   lower learning rate -- each stage further down at ``stage_lr_decay`` times
+   the one above -- with warm-up and cosine decay, after recompiling.
+5. Both stages stop early on validation loss and restore their best epoch.
+   After every epoch the weights and the run state are written atomically,
+   so ``--resume RUN`` continues after any interruption, SIGKILL included,
+   losing at most the epoch in progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,141 +29,399 @@ from typing import Any
 import numpy as np
 
 from toolkit import backbones, runs
-from toolkit.augment import AugmentConfig
 from toolkit.datasets import DatasetSplits, dataset_statistics, load_splits
+from toolkit.freeze import FreezePlan, apply_plan, plan_freeze
+from toolkit.recipes import FinetuneConfig, config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
 
+STATE_FILE = "state.json"
+RECIPE_FILE = "recipe.toml"
+# A feature-map cache larger than this (float16) is not built; the head then trains on images.
+MAX_CACHE_BYTES = 2 << 30
 
-@dataclasses.dataclass
-class FinetuneConfig:
-    data: str
-    backbone: str = "mobilenet_v2"
-    weights: str | None = "imagenet"
-    image_size: int | None = None  # None: the backbone's own input size
-    batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    label_smoothing: float = 0.1
-    dropout: float = 0.2
-    val_fraction: float = 0.2
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-    verbose: int = 1  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
-    crop_fraction: float = 0.875  # evaluation centre crop
 
-    def validate(self) -> None:
-        backbones.get_spec(self.backbone)  # did-you-mean on a bad name
-        for name in ("batch_size", "epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 32):
-            raise ValueError(f"image_size must be an integer >= 32. Received: image_size={self.image_size!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0. Received: learning_rate={self.learning_rate!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1). Received: label_smoothing={self.label_smoothing!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
-        if not 0.0 < self.crop_fraction <= 1.0:
-            raise ValueError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
-        self.augment.validate()
+class AccuracyGateError(RuntimeError):
+    """The final validation accuracy is below ``--min-accuracy`` (the run is still saved)."""
+
+    def __init__(self, message: str, run_dir: Path):
+        super().__init__(message)
+        self.run_dir = run_dir
 
 
 @dataclasses.dataclass
 class FinetuneResult:
     run_dir: Path
     metrics: dict[str, Any]
+    plan: FreezePlan
 
 
-def _one_hot(num_classes: int):
-    import tensorflow as tf
-
-    return lambda images, labels: (images, tf.one_hot(labels, num_classes))
+# ----------------------------------------------------------------------------- pure helpers
 
 
-def _per_class_accuracy(labels: np.ndarray, predicted: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for i, name in enumerate(class_names):
-        mask = labels == i
-        out[name] = float((predicted[mask] == i).mean()) if mask.any() else None
+def class_weights(counts: list[int], mode: str) -> dict[int, float] | None:
+    """Inverse-frequency weights N / (C n_c); ``auto`` turns them on past 3:1 imbalance."""
+    nonzero = [c for c in counts if c > 0]
+    ratio = max(nonzero) / min(nonzero)
+    if mode == "off" or (mode == "auto" and ratio <= 3.0):
+        return None
+    total, classes = sum(counts), len(counts)
+    return {i: (total / (classes * c) if c else 0.0) for i, c in enumerate(counts)}
+
+
+def cache_views(n_train: int, max_views: int, budget: int) -> int:
+    """Views per image in the feature cache: up to ``max_views``, fewer when the data alone fills ``budget``."""
+    return max(1, min(max_views, math.ceil(budget / max(n_train, 1))))
+
+
+def stage_lr_multipliers(stage_of_layer: list[int], plan: FreezePlan, decay: float) -> list[float]:
+    """Learning-rate multiplier of each backbone layer: 1 for the top stage, decay per stage below."""
+    top = plan.total - 1
+    return [decay ** (top - s) if s >= plan.first_trainable_stage else 0.0 for s in stage_of_layer]
+
+
+def _stage_of_layers(n_layers: int, stage_ends: list[int]) -> list[int]:
+    out, stage = [], 0
+    for index in range(n_layers):
+        while stage < len(stage_ends) - 1 and index > stage_ends[stage]:
+            stage += 1
+        out.append(stage)
     return out
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
+# ----------------------------------------------------------------------------- Keras pieces
+
+
+def _layerwise_adam(**kwargs):
+    """Adam whose learning rate is scaled per variable (discriminative fine-tuning).
+
+    Keras optimizers apply one schedule to every variable; ``update_step`` is
+    called per variable with the current rate, so scaling it there gives each
+    stage its own multiple of the shared warm-up + cosine schedule.
+    """
     import keras
 
+    class LayerwiseAdam(keras.optimizers.Adam):
+        def __init__(self, multipliers: dict[str, float], **kw):
+            super().__init__(**kw)
+            self.multipliers = multipliers
+
+        def update_step(self, gradient, variable, learning_rate):
+            m = self.multipliers.get(_var_key(variable), 1.0)
+            return super().update_step(gradient, variable, learning_rate * m if m != 1.0 else learning_rate)
+
+    return LayerwiseAdam(**kwargs)
+
+
+def _var_key(variable) -> str:
+    return getattr(variable, "path", None) or variable.name
+
+
+def _make_checkpoint_callback(run_dir: Path, stage: str, state: dict, patience: int, save_state):
+    import keras
+
+    class TrainingCheckpoint(keras.callbacks.Callback):
+        """After every epoch: history, early stopping, best and last weights, run state -- atomically."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            s = state[stage]
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            s["history"].append({"stage": stage, "epoch": epoch + 1, **logs})
+            val_loss = logs.get("val_loss", math.inf)
+            if val_loss < s["best_loss"]:
+                s.update(best_loss=val_loss, best_epoch=epoch + 1, wait=0)
+                with runs.atomic_path(run_dir / f"{stage}.best.weights.h5") as tmp:
+                    self.model.save_weights(tmp)
+            else:
+                s["wait"] += 1
+            with runs.atomic_path(run_dir / f"{stage}.last.weights.h5") as tmp:
+                self.model.save_weights(tmp)
+            s["epochs_done"] = epoch + 1
+            save_state()
+            if s["wait"] >= patience:
+                logger.info("%s: early stop after epoch %d (best epoch %d)", stage, epoch + 1, s["best_epoch"])
+                self.model.stop_training = True
+
+    return TrainingCheckpoint()
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+class _Run:
+    """One finetune run: its folder, its config and its resumable state."""
+
+    def __init__(self, config: FinetuneConfig, run_dir: Path, state: dict, verbose: int):
+        self.config = config
+        self.dir = run_dir
+        self.state = state
+        self.verbose = verbose
+        self.timings: dict[str, float] = state.setdefault("timings", {})
+
+    def save_state(self) -> None:
+        runs.write_json(self.dir / STATE_FILE, self.state)
+
+    def stage_state(self, stage: str) -> dict:
+        return self.state.setdefault(stage, {"history": [], "best_loss": math.inf, "best_epoch": 0, "wait": 0,
+                                             "epochs_done": 0, "done": False})
+
+    def timed(self, key: str, start: float) -> None:
+        self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - start, 2)
+
+    def fit_stage(self, stage: str, model, train_ds, val_ds, epochs: int, class_weight, optimizer_steps=None):
+        """model.fit with per-epoch checkpoints and early stopping; resumes a partial stage."""
+        s = self.stage_state(stage)
+        if s["done"]:
+            model.load_weights(self.dir / f"{stage}.best.weights.h5")
+            return
+        if s["epochs_done"]:
+            logger.info("%s: resuming after epoch %d", stage, s["epochs_done"])
+            model.load_weights(self.dir / f"{stage}.last.weights.h5")
+            if optimizer_steps:
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.iterations.assign(s["epochs_done"] * optimizer_steps)
+        if s["epochs_done"] < epochs and s["wait"] < self.config.early_stopping_patience:
+            callback = _make_checkpoint_callback(self.dir, stage, self.state, self.config.early_stopping_patience, self.save_state)
+            model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=s["epochs_done"],
+                      callbacks=[callback], class_weight=class_weight, verbose=self.verbose,
+                      shuffle=False)  # tf.data shuffles, with the run's seed
+        if (self.dir / f"{stage}.best.weights.h5").is_file():
+            model.load_weights(self.dir / f"{stage}.best.weights.h5")
+        s["done"] = True
+        self.save_state()
+
+
+def finetune(
+    config: FinetuneConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    verbose: int = 1,
+) -> FinetuneResult:
+    """Train a classifier; see the module docstring. ``resume`` continues a run folder."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
+        import tomllib
+
+        config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
+        state_path = run_dir / STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if state.get("finished"):
+            raise ValueError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
+    else:
+        if config is None or not config.data:
+            raise ValueError("finetune needs data. Received: data=''")
+        config.validate()
+        run_dir = runs.prepare_run_dir(out or runs.default_run_dir(config.backbone), overwrite)
+        runs.write_text(run_dir / RECIPE_FILE, runs.to_toml(config_to_dict(config)))
+        state = {}
+    run = _Run(config, run_dir, state, verbose)
+    return _train(run)
+
+
+def _train(run: _Run) -> FinetuneResult:
+    import keras
+    import tensorflow as tf
+
     from toolkit.augment import pca_statistics
-    from toolkit.head import build_classifier
+    from toolkit.head import BACKBONE, NINHead, build_classifier
     from toolkit.pipeline import make_dataset
 
-    config.validate()
-    spec = backbones.get_spec(config.backbone)
-    image_size = config.image_size or spec.input_size
-    run_dir = runs.prepare_run_dir(config.out or runs.default_run_dir(config.backbone), config.overwrite)
+    config = run.config
     keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
 
-    timings: dict[str, float] = {}
+    # ---- data
     start = time.perf_counter()
-    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed, progress=config.verbose > 0)
-    num_classes = len(splits.class_names)
-    pca = pca_statistics(list(splits.train.decode_paths), seed=config.seed) if config.augment.pca_sigma > 0 else None
-    timings["data_s"] = time.perf_counter() - start
+    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed, progress=run.verbose > 0)
     log_problems(splits)
+    num_classes = len(splits.class_names)
+    if (run.dir / "pca.json").is_file():
+        pca = json.loads((run.dir / "pca.json").read_text())
+    else:
+        pca = pca_statistics(list(splits.train.decode_paths), seed=config.seed)
+        runs.write_json(run.dir / "pca.json", pca)
+    runs.write_json(run.dir / "classes.json", list(splits.class_names))
+    stats = dataset_statistics(splits)
+    counts = list(splits.train.counts().values())
+    weights = class_weights(counts, config.class_weights)
+    run.timed("data_s", start)
 
-    start = time.perf_counter()
-    backbone = backbones.create(config.backbone, input_shape=(image_size, image_size, 3), weights=config.weights)
+    # ---- model and plan
+    spec = backbones.get_spec(config.backbone)
+    size = config.image_size or spec.input_size
+    plan = plan_freeze(config.freeze, len(splits.train), num_classes, [s.name for s in spec.stages])
+    logger.info("freeze plan: %s", plan.describe())
+    weights_arg = None if config.weights == "none" else config.weights
+    backbone = backbones.create(config.backbone, input_shape=(size, size, 3), weights=weights_arg)
     backbone.trainable = False
-    model = build_classifier(backbone, num_classes, input_shape=(image_size, image_size, 3), dropout=config.dropout)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
-    timings["build_s"] = time.perf_counter() - start
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    head = NINHead(num_classes, config.bottleneck, config.dropout)
+    model = build_classifier(backbone, head, (size, size, 3), batchnorm_inference=not config.train_batchnorm)
+    inner = model.get_layer(BACKBONE)
+    stage_ends = backbones.stage_boundaries([layer.name for layer in inner.layers], spec.stages)
+    total_params = model.count_params()
+    head_params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     logger.info(
-        "finetune: backbone %s (%s px), %d/%d parameters trainable, all %d backbone stages frozen; "
-        "%d train / %d val images (val: %s), %d classes",
-        config.backbone, image_size, trainable, model.count_params(), len(spec.stages),
-        len(splits.train), len(splits.val), splits.val_source, num_classes,
+        "finetune: %s at %d px, %s parameters, %s trainable in stage 1 (head); %d of %d stages will be unfrozen; "
+        "%d train / %d val images (val: %s), %d classes%s",
+        config.backbone, size, f"{total_params:,}", f"{head_params:,}", plan.unfrozen, plan.total, len(splits.train),
+        len(splits.val), splits.val_source, num_classes, "; class weights on" if weights else "",
     )
 
-    to_one_hot = _one_hot(num_classes)
-    train_ds = make_dataset(
-        splits.train, image_size, config.batch_size, training=True, seed=config.seed,
-        augment_config=config.augment, pca=pca, crop_fraction=config.crop_fraction,
-    ).map(to_one_hot)
-    val_ds = make_dataset(splits.val, image_size, config.batch_size, training=False, crop_fraction=config.crop_fraction).map(to_one_hot)
+    def one_hot(images, labels):
+        return images, tf.one_hot(labels, num_classes)
 
-    start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=config.verbose)
-    timings["train_s"] = time.perf_counter() - start
+    def image_data(split, training, seed_offset=0):
+        return make_dataset(split, size, config.batch_size, training=training, seed=config.seed + seed_offset,
+                            augment_config=config.augment, pca=pca, crop_fraction=config.crop_fraction)
 
+    val_ds = image_data(splits.val, False).map(one_hot)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+
+    # ---- stage 1: the head
     start = time.perf_counter()
-    probs = model.predict(
-        make_dataset(splits.val, image_size, config.batch_size, training=False, crop_fraction=config.crop_fraction), verbose=0
-    )
-    labels = np.asarray(splits.val.labels)
+    cache_reason = _cache_decision(config, head, inner, len(splits.train), size)
+    logger.info("stage 1 (head): %s", cache_reason[1])
+    if cache_reason[0]:
+        head_model, train_feats, val_feats = _feature_cache(run, inner, head, splits, image_data, num_classes)
+        head_model.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss=loss, metrics=["accuracy"])
+        run.fit_stage("head", head_model, train_feats, val_feats, config.head_epochs, weights)
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss=loss, metrics=["accuracy"])
+        run.fit_stage("head", model, image_data(splits.train, True).map(one_hot), val_ds, config.head_epochs, weights)
+    run.timed("stage1_head_s", start)
+
+    # ---- stage 2: the unfrozen stages
+    if not plan.head_only and config.finetune_epochs > 0:
+        start = time.perf_counter()
+        counts_layers = apply_plan(inner, stage_ends, plan, config.train_batchnorm)
+        stage_of = _stage_of_layers(len(inner.layers), stage_ends)
+        mults = stage_lr_multipliers(stage_of, plan, config.stage_lr_decay)
+        multipliers = {_var_key(v): m for layer, m in zip(inner.layers, mults) for v in layer.trainable_weights}
+        steps = math.ceil(len(splits.train) / config.batch_size)
+        warmup = min(config.warmup_epochs, config.finetune_epochs) * steps
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, max(config.finetune_epochs * steps - warmup, 1), warmup_target=config.finetune_lr, warmup_steps=warmup
+        )
+        model.compile(optimizer=_layerwise_adam(multipliers=multipliers, learning_rate=schedule), loss=loss, metrics=["accuracy"])
+        trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+        logger.info("stage 2 (fine-tune): %s of %s parameters trainable in %d stages (%d layers), lr %g x %g per stage down",
+                    f"{trainable:,}", f"{total_params:,}", plan.unfrozen, counts_layers["trainable_layers"],
+                    config.finetune_lr, config.stage_lr_decay)
+        run.fit_stage("finetune", model, image_data(splits.train, True, 1).map(one_hot), val_ds,
+                      config.finetune_epochs, weights, optimizer_steps=steps)
+        run.timed("stage2_finetune_s", start)
+
+    # ---- evaluate, write, gate
+    start = time.perf_counter()
+    probs = model.predict(image_data(splits.val, False), verbose=0)
+    metrics = _metrics(probs, np.asarray(splits.val.labels), splits.class_names, run.state)
+    run.timed("evaluate_s", start)
+    metrics["timings"] = dict(run.timings)
+    metrics["freeze_plan"] = plan.describe()
+    _write_outputs(run, model, splits, stats, plan, metrics)
+    run.state["finished"] = True
+    run.save_state()
+    logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"],
+                metrics["n_val"], run.dir)
+    if config.min_accuracy is not None and metrics["val_accuracy"] < config.min_accuracy:
+        raise AccuracyGateError(
+            f"validation accuracy {metrics['val_accuracy']:.4f} is below --min-accuracy {config.min_accuracy} "
+            f"(the model is saved in {run.dir})", run.dir,
+        )
+    return FinetuneResult(run.dir, metrics, plan)
+
+
+def _cache_decision(config: FinetuneConfig, head, backbone, n_train: int, size: int) -> tuple[bool, str]:
+    if config.cache_features == "off":
+        return False, "training on images (feature cache switched off in the recipe)"
+    shape = backbone.output_shape[1:]
+    per_view = int(np.prod(shape)) * 2 if not head.is_linear else int(shape[-1]) * 4
+    views = cache_views(n_train, config.cache_views, config.cache_view_budget)
+    total = per_view * n_train * views
+    if total > MAX_CACHE_BYTES:
+        return False, (f"training on images: a feature cache would need {total / 2**30:.1f} GiB "
+                       f"(> {MAX_CACHE_BYTES / 2**30:.0f} GiB; use fewer cache_views or no bottleneck)")
+    kind = "pooled features (the head is linear)" if head.is_linear else "feature maps (float16)"
+    return True, f"cached {kind} of {views} views per image ({total / 2**20:.0f} MiB)"
+
+
+def _feature_cache(run: _Run, backbone, head, splits: DatasetSplits, image_data, num_classes: int):
+    """Backbone outputs for every image and view, computed once and kept in the run folder."""
+    import keras
+    import tensorflow as tf
+
+    config = run.config
+    if head.is_linear:
+        pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="cache_pool")(backbone.output)
+        extractor = keras.Model(backbone.input, pooled)
+    else:
+        extractor = backbone
+    cache_path = run.dir / "cache" / "features.npz"
+    if cache_path.is_file():
+        data = np.load(cache_path)
+        train_x, train_y, val_x, val_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
+        logger.info("stage 1: feature cache loaded from %s", cache_path)
+    else:
+        views_per_image = cache_views(len(splits.train), config.cache_views, config.cache_view_budget)
+        n_batches = math.ceil(len(splits.train) / config.batch_size) * views_per_image + math.ceil(
+            len(splits.val) / config.batch_size)
+        bar = keras.utils.Progbar(n_batches, unit_name="batch") if run.verbose else None
+        dtype = np.float32 if head.is_linear else np.float16
+        forward = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
+
+        def extract(dataset):
+            xs, ys = [], []
+            for images, labels in dataset:
+                xs.append(np.asarray(forward(images), dtype=dtype))
+                ys.append(labels.numpy())
+                if bar:
+                    bar.add(1)
+            return np.concatenate(xs), np.concatenate(ys)
+
+        views = [extract(image_data(splits.train, False))]  # view 0: the plain centre crop
+        views += [extract(image_data(splits.train, True, 100 + v)) for v in range(1, views_per_image)]
+        train_x = np.concatenate([v[0] for v in views])
+        train_y = np.concatenate([v[1] for v in views])
+        val_x, val_y = extract(image_data(splits.val, False))
+        with runs.atomic_path(cache_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+
+    def dataset(x, y, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, num_classes)))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+        return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+    head_model = head.on_features(train_x.shape[1:])
+    return head_model, dataset(train_x, train_y, True), dataset(val_x, val_y, False)
+
+
+def _metrics(probs: np.ndarray, labels: np.ndarray, class_names, state: dict) -> dict[str, Any]:
     predicted = probs.argmax(axis=1)
-    eps = 1e-7
-    metrics = {
+    per_class = {}
+    for i, name in enumerate(class_names):
+        mask = labels == i
+        per_class[name] = float((predicted[mask] == i).mean()) if mask.any() else None
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)).mean()
+    out = {
         "val_accuracy": float((predicted == labels).mean()),
-        "val_loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0)).mean()),
+        "val_loss": float(nll),
         "n_val": int(len(labels)),
-        "per_class_accuracy": _per_class_accuracy(labels, predicted, splits.class_names),
-        "class_names": list(splits.class_names),
-        "epochs_run": len(history.history.get("loss", [])),
+        "per_class_accuracy": per_class,
+        "class_names": list(class_names),
     }
-    timings["evaluate_s"] = time.perf_counter() - start
-    metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
-
-    _write_run(run_dir, model, config, image_size, splits, history.history, metrics, pca)
-    logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"], len(labels), run_dir)
-    return FinetuneResult(run_dir, metrics)
+    for stage in ("head", "finetune"):
+        if stage in state and state[stage]["history"]:
+            best = state[stage]["best_epoch"]
+            row = next((h for h in state[stage]["history"] if h["epoch"] == best), state[stage]["history"][-1])
+            out[f"{stage}_best_epoch"] = best
+            out[f"{stage}_val_accuracy"] = row.get("val_accuracy")
+    return out
 
 
 def log_problems(splits: DatasetSplits) -> None:
@@ -175,13 +445,12 @@ def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str]
     lines += ["", f"Imbalance ratio (largest / smallest train class): {stats['imbalance_ratio']}."]
     if "image_size" in stats:
         size = stats["image_size"]
-        lines.append(f"Image sizes (w x h): min {size['min'][0]}x{size['min'][1]}, median {size['median'][0]}x{size['median'][1]}, "
-                     f"max {size['max'][0]}x{size['max'][1]}.")
+        lines.append(f"Image sizes (w x h): min {size['min'][0]}x{size['min'][1]}, median {size['median'][0]}x"
+                     f"{size['median'][1]}, max {size['max'][0]}x{size['max'][1]}.")
     lines += ["", "## Problems found", ""]
     if splits.problems:
         lines += ["| severity | file | reason |", "|---|---|---|"]
-        for p in splits.problems:
-            lines.append(f"| {p.severity} | `{p.path}` | {p.reason} |")
+        lines += [f"| {p.severity} | `{p.path}` | {p.reason} |" for p in splits.problems]
     else:
         lines.append("None.")
     for title, body in (sections or {}).items():
@@ -189,26 +458,52 @@ def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str]
     return "\n".join(lines) + "\n"
 
 
-def _write_run(run_dir: Path, model, config: FinetuneConfig, image_size: int, splits: DatasetSplits,
-               history: dict[str, list[float]], metrics: dict[str, Any], pca: dict | None) -> None:
+def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: FreezePlan, metrics: dict) -> None:
+    import keras
     import pandas as pd
 
-    with runs.atomic_path(run_dir / "model.keras") as tmp:
-        model.save(tmp)
-    resolved = dataclasses.asdict(config) | {"image_size": image_size}
-    resolved["augment"] = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved["augment"].items()}
-    resolved["out"] = str(run_dir)
-    runs.write_text(run_dir / "config.toml", runs.to_toml(resolved))
-    runs.write_json(run_dir / "classes.json", list(splits.class_names))
-    runs.write_json(run_dir / "metrics.json", metrics)
-    if pca is not None:
-        runs.write_json(run_dir / "pca.json", pca)
-    stats = dataset_statistics(splits)
-    runs.write_json(run_dir / "data.json", {"statistics": stats, "problems": [dataclasses.asdict(p) for p in splits.problems]})
-    timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
-    runs.write_text(run_dir / "report.md", report_markdown(splits, stats, {"Timings": timings}))
-    buffer = io.StringIO()
+    # The saved model is plain functional Keras (no training optimizer), loadable in safe mode.
+    export = keras.Model(model.input, model.output, name="classifier")
+    with runs.atomic_path(run.dir / "model.keras") as tmp:
+        export.save(tmp)
+    runs.write_json(run.dir / "metrics.json", metrics)
+    runs.write_json(run.dir / "data.json", {"statistics": stats, "problems": [dataclasses.asdict(p) for p in splits.problems]})
+    history = [row for stage in ("head", "finetune") if stage in run.state for row in run.state[stage]["history"]]
     frame = pd.DataFrame(history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
-    runs.write_text(run_dir / "history.csv", buffer.getvalue())
+    runs.write_text(run.dir / "history.csv", buffer.getvalue())
+    if len(frame):
+        _plot_curves(frame, run.dir / "curves.png")
+    training = [f"- freeze plan: {plan.describe()}"]
+    for stage in ("head", "finetune"):
+        if stage in run.state:
+            s = run.state[stage]
+            training.append(f"- {stage}: {s['epochs_done']} epochs, best epoch {s['best_epoch']} "
+                            f"(val loss {s['best_loss']:.4f}, val accuracy {metrics.get(stage + '_val_accuracy') or 0:.4f})")
+    training.append(f"- final validation accuracy: {metrics['val_accuracy']:.4f} on {metrics['n_val']} images")
+    timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
+    runs.write_text(run.dir / "report.md", report_markdown(splits, stats, {"Training": "\n".join(training), "Timings": timings}))
+
+
+def _plot_curves(frame, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(1, len(frame) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in frame:
+                ax.plot(x, frame[key], style, label=key)
+        if "stage" in frame and (frame["stage"] == "finetune").any():
+            ax.axvline((frame["stage"] == "head").sum() + 0.5, color="grey", lw=0.8)
+        ax.set_xlabel("epoch (head, then fine-tune)")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    with runs.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

@@ -1,10 +1,15 @@
 """Network-in-Network classification head and the full classifier.
 
-NIN head: an (optional) 1x1 bottleneck conv + BN + ReLU + dropout, then a 1x1
-conv giving one map per class, global average pooling, softmax. No Flatten or
-Dense, so the model is fully convolutional (any input size) and the per-class
-maps -- the layer named :data:`CLASS_MAPS` -- are class-activation maps for
-free (``toolkit explain``).
+NIN head: an (optional) 1x1 bottleneck conv + BN + ReLU (NIN's mlpconv), dropout,
+then a 1x1 conv giving one map per class, global average pooling, softmax.
+No Flatten or Dense, so the model is fully convolutional (any input size) and
+the per-class maps -- the layer named :data:`CLASS_MAPS` -- are
+class-activation maps for free (``toolkit explain``).
+
+The head's layers are created once (:class:`NINHead`) and applied twice: to
+cached backbone features while the backbone is frozen, and on top of the
+backbone in the full classifier -- the same layer objects, so the weights
+trained on the cache are the classifier's weights.
 """
 
 from __future__ import annotations
@@ -18,36 +23,59 @@ PROBS = "probs"
 BACKBONE = "backbone"
 
 
-def nin_head(features: keras.KerasTensor, num_classes: int, bottleneck: int = 0, dropout: float = 0.2) -> keras.KerasTensor:
-    x = features
-    if bottleneck:
-        x = layers.Conv2D(bottleneck, 1, use_bias=False, name="nin_bottleneck_conv")(x)
-        x = layers.BatchNormalization(name="nin_bottleneck_bn")(x)
-        x = layers.ReLU(name="nin_bottleneck_relu")(x)
-    if dropout:
-        x = layers.Dropout(dropout, name="nin_dropout")(x)
-    maps = layers.Conv2D(num_classes, 1, name=CLASS_MAPS)(x)
-    logits = layers.GlobalAveragePooling2D(name=LOGITS)(maps)
-    # float32 softmax keeps probabilities exact under mixed precision.
-    return layers.Activation("softmax", dtype="float32", name=PROBS)(logits)
+class NINHead:
+    def __init__(self, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
+        self.num_classes = num_classes
+        self.bottleneck = bottleneck
+        self.layers: list[layers.Layer] = []
+        if bottleneck:
+            self.layers += [
+                layers.Conv2D(bottleneck, 1, use_bias=False, name="nin_bottleneck_conv"),
+                layers.BatchNormalization(name="nin_bottleneck_bn"),
+                layers.ReLU(name="nin_bottleneck_relu"),
+            ]
+        if dropout:
+            self.layers.append(layers.Dropout(dropout, name="nin_dropout"))
+        self.layers += [
+            layers.Conv2D(num_classes, 1, name=CLASS_MAPS),
+            layers.GlobalAveragePooling2D(name=LOGITS),
+            # float32 softmax keeps probabilities exact under mixed precision.
+            layers.Activation("softmax", dtype="float32", name=PROBS),
+        ]
+
+    @property
+    def is_linear(self) -> bool:
+        """Without a bottleneck the head is linear up to the softmax: conv1x1 and
+        average pooling commute, so it can train on pooled features exactly."""
+        return not self.bottleneck
+
+    def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        x = features
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def on_features(self, feature_shape: tuple) -> keras.Model:
+        """The head alone, on cached backbone features of ``feature_shape`` (h, w, c)."""
+        inputs = keras.Input(shape=feature_shape, name="features")
+        return keras.Model(inputs, self(inputs), name="nin_head")
 
 
 def build_classifier(
     backbone: keras.Model,
-    num_classes: int,
+    head: NINHead,
     input_shape: tuple = (None, None, 3),
-    bottleneck: int = 0,
-    dropout: float = 0.2,
+    batchnorm_inference: bool = True,
 ) -> keras.Model:
-    """raw RGB → backbone (BatchNorm always in inference mode) → NIN head → probabilities.
+    """raw RGB → backbone → NIN head → class probabilities.
 
-    The backbone is called with ``training=False`` as the Keras transfer
-    learning guide requires: its BatchNorm layers keep their ImageNet
-    statistics even when some of its stages are unfrozen for fine-tuning.
+    With ``batchnorm_inference`` (the default) the backbone is called with
+    ``training=False``, as the Keras transfer-learning guide requires: its
+    BatchNorm layers keep their ImageNet statistics even when some stages are
+    unfrozen for fine-tuning.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     # Same layers under a stable name, so the backbone is found by name whatever its family.
     backbone = keras.Model(backbone.input, backbone.output, name=BACKBONE)
-    features = backbone(inputs, training=False)
-    outputs = nin_head(features, num_classes, bottleneck, dropout)
-    return keras.Model(inputs, outputs, name="classifier")
+    features = backbone(inputs, training=False) if batchnorm_inference else backbone(inputs)
+    return keras.Model(inputs, head(features), name="classifier")

@@ -46,7 +46,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix or ".tmp", dir=target.parent)
+    # The temporary name ends with the target's whole name: savers that check
+    # extensions (Keras wants ".weights.h5", ".keras") accept it.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{target.name}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)

@@ -1,0 +1,176 @@
+"""The finetune job on real images: caching, two stages, resume, determinism, the gate, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.finetune import AccuracyGateError, class_weights, finetune, stage_lr_multipliers
+from toolkit.freeze import plan_freeze
+from toolkit.recipes import RecipeError, build_config, read_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"image_size": 96, "batch_size": 16, "head_epochs": 8, "finetune_epochs": 2}
+
+
+def _config(data, **overrides):
+    return build_config(None, {"data": str(data), **FAST, **overrides})
+
+
+def test_class_weights_switch_on_past_three_to_one():
+    assert class_weights([100, 40], "auto") is None
+    weights = class_weights([300, 50, 100], "auto")
+    assert weights == pytest.approx({0: 450 / 900, 1: 450 / 150, 2: 450 / 300})
+    assert class_weights([300, 50], "off") is None
+    assert class_weights([10, 10], "on") == {0: 1.0, 1: 1.0}
+
+
+def test_stage_learning_rates_decay_downwards():
+    plan = plan_freeze("0.5", 10, 2, [f"s{i}" for i in range(6)])  # top 3 of 6 train
+    mults = stage_lr_multipliers([0, 1, 2, 3, 3, 4, 5], plan, 0.5)
+    assert mults == [0.0, 0.0, 0.0, 0.25, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.slow
+def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_data, tmp_path):
+    cached = finetune(_config(sample_data, freeze="all"), out=tmp_path / "cached", verbose=0)
+    uncached = finetune(_config(sample_data, freeze="all", cache_features="off"), out=tmp_path / "images", verbose=0)
+    assert (tmp_path / "cached" / "cache" / "features.npz").is_file()
+    assert not (tmp_path / "images" / "cache").exists()
+    a, b = cached.metrics["val_accuracy"], uncached.metrics["val_accuracy"]
+    assert a >= 0.7 and b >= 0.7, (a, b)
+    assert abs(a - b) <= 0.15, (a, b)
+
+
+@pytest.mark.slow
+def test_same_seed_same_run(sample_data, tmp_path):
+    first = finetune(_config(sample_data, freeze="all", seed=3), out=tmp_path / "a", verbose=0)
+    second = finetune(_config(sample_data, freeze="all", seed=3), out=tmp_path / "b", verbose=0)
+    assert first.metrics["val_accuracy"] == second.metrics["val_accuracy"]
+    assert first.metrics["val_loss"] == pytest.approx(second.metrics["val_loss"], abs=1e-6)
+    h1 = (tmp_path / "a" / "history.csv").read_text()
+    h2 = (tmp_path / "b" / "history.csv").read_text()
+    assert h1 == h2
+
+
+@pytest.mark.slow
+def test_two_stages_train_only_the_unfrozen_stages(sample_data, tmp_path):
+    import keras
+
+    from toolkit import backbones
+
+    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=2), out=tmp_path / "run", verbose=0)
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert any(line.startswith("finetune,") for line in history) and any(line.startswith("head,") for line in history)
+    assert result.plan.unfrozen == 1
+    model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    pretrained = backbones.create("mobilenet_v2", input_shape=(96, 96, 3))
+    inner = model.get_layer("backbone")
+    # frozen stage: unchanged; unfrozen stage: changed; its BatchNorm: unchanged
+    np.testing.assert_array_equal(inner.get_layer("stage6_block16_project_conv").get_weights()[0],
+                                  pretrained.get_layer("stage6_block16_project_conv").get_weights()[0])
+    assert not np.array_equal(inner.get_layer("head_conv").get_weights()[0], pretrained.get_layer("head_conv").get_weights()[0])
+    for a, b in zip(inner.get_layer("head_bn").get_weights(), pretrained.get_layer("head_bn").get_weights()):
+        np.testing.assert_array_equal(a, b)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "1 of 7 stages unfrozen" in report and "## Problems found" in report
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_at_most_one_epoch(sample_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(sample_data), "--out", str(run),
+           "--image-size", "96", "--batch-size", "16", "--head-epochs", "3", "--freeze", "stage7",
+           "--finetune-epochs", "6", "--finetune-lr", "0.0001"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    state_file = run / "state.json"
+    deadline = time.time() + 240
+    killed_after = None
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            try:
+                state = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                state = {}
+            done = state.get("finetune", {}).get("epochs_done", 0)
+            if done >= 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_after = done
+                break
+        time.sleep(0.2)
+    assert killed_after is not None, "the run finished or stalled before it could be killed"
+    assert not (run / "model.keras").exists()
+
+    from toolkit.cli import main
+
+    assert main(["finetune", "--resume", str(run)]) == 0
+    state = json.loads(state_file.read_text())
+    epochs = [row["epoch"] for row in state["finetune"]["history"]]
+    assert epochs == sorted(set(epochs)) and epochs[0] == 1  # continued, nothing repeated
+    assert len(epochs) >= killed_after
+    assert state["finished"] and (run / "model.keras").is_file()
+    assert [row["epoch"] for row in state["head"]["history"]] == sorted({row["epoch"] for row in state["head"]["history"]})
+
+
+@pytest.mark.slow
+def test_accuracy_gate_fails_the_run_but_keeps_the_model(sample_data, tmp_path, capsys):
+    from toolkit.cli import main
+
+    out = tmp_path / "gate"
+    code = main(["finetune", "--data", str(sample_data), "--out", str(out), "--image-size", "96",
+                 "--head-epochs", "1", "--freeze", "all", "--min-accuracy", "1.0", "--weights", "none"])
+    assert code == 3
+    assert "below --min-accuracy 1.0" in capsys.readouterr().err
+    assert (out / "model.keras").is_file() and (out / "metrics.json").is_file()
+    with pytest.raises(AccuracyGateError):
+        finetune(_config(sample_data, freeze="all", head_epochs=1, weights="none", min_accuracy=1.0),
+                 out=tmp_path / "gate2", verbose=0)
+
+
+def test_recipes_shipped_parse_and_state_their_expected_result():
+    for path in sorted((REPO / "recipes").glob("*.toml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#"), path
+        text = path.read_text()
+        assert "toolkit finetune" in text and "Expected result" in text, path
+        read_recipe(path)
+    assert {p.stem for p in (REPO / "recipes").glob("*.toml")} >= {"quick", "small-data", "accurate"}
+
+
+def test_recipe_errors_name_the_key_and_the_allowed_values(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('backbone = "mobilenet_v2"\nhead_epoch = 3\n')
+    with pytest.raises(RecipeError, match=r"unknown key 'head_epoch'. Did you mean 'head_epochs'\?.*Allowed keys:"):
+        read_recipe(bad)
+    bad.write_text('batch_size = "big"\n')
+    with pytest.raises(RecipeError, match=r"wrong type for batch_size. Received: batch_size='big'"):
+        read_recipe(bad)
+    bad.write_text('class_weights = "sometimes"\n')
+    with pytest.raises(RecipeError, match=r"class_weights='sometimes'; allowed: auto, on, off"):
+        build_config(bad, {"data": "x"})
+    bad.write_text('[augment]\ncrop = "zoom"\n')
+    with pytest.raises(RecipeError, match=r"\[augment\].*crop='zoom'"):
+        build_config(bad, {"data": "x"})
+    bad.write_text('[augment]\nflipp = true\n')
+    with pytest.raises(RecipeError, match=r"unknown key 'flipp'. Did you mean 'flip'"):
+        read_recipe(bad)
+    with pytest.raises(RecipeError, match=r"unknown key 'quik'. Did you mean 'quick'"):
+        build_config("quik", {"data": "x"})
+
+
+def test_flags_override_the_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('backbone = "efficientnet_lite0"\nhead_epochs = 7\n[augment]\nflip = false\n')
+    config = build_config(recipe, {"data": "d", "head_epochs": 2, "freeze": None})
+    assert config.backbone == "efficientnet_lite0" and config.head_epochs == 2 and config.freeze == "auto"
+    assert config.augment.flip is False
