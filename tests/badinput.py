@@ -25,6 +25,15 @@ def photo(seed: int, size=(96, 72), colour=None) -> Image.Image:
     return Image.fromarray((base * 255).astype(np.uint8))
 
 
+def photo_tree(root: Path, per_class: int, size=(96, 72), classes=("a", "b")) -> Path:
+    """root/<class>/<i>.jpg: a small clean folder-per-class set of distinct photos."""
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo(i + 50 * c, size=size).save(root / cls / f"{i}.jpg", quality=90)
+    return root
+
+
 def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
     """Create root/train/{red,blue}, root/test/{red,blue}; return {relative path: (status, fragment)}."""
     expected: dict[str, tuple[str, str]] = {}

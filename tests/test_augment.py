@@ -126,13 +126,10 @@ def test_config_errors_name_the_key_and_allowed_values():
 
 @pytest.fixture(scope="module")
 def small_split(tmp_path_factory):
-    from tests.badinput import photo
+    from tests.badinput import photo, photo_tree
 
-    root = tmp_path_factory.mktemp("aug")
+    root = photo_tree(tmp_path_factory.mktemp("aug"), 12, size=(120, 90))
     for cls in ("a", "b"):
-        (root / cls).mkdir()
-        for i in range(12):
-            photo(i + (50 if cls == "b" else 0), size=(120, 90)).save(root / cls / f"{i}.jpg", quality=90)
         photo(99, size=(60, 80)).save(root / cls / "x.png")  # a non-JPEG takes the other decode path
     return load_splits(root, val_fraction=0.2, cache=None).train
 

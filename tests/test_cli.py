@@ -42,6 +42,7 @@ def test_inspect_prints_statistics_and_problems(sample_data, capsys):
     assert main(["inspect", "--data", str(sample_data)]) == 0
     out = capsys.readouterr().out
     assert "classes: 4" in out and "imbalance ratio" in out and "circle" in out and "problems: 0 files skipped" in out
+    assert "freeze plan for --freeze auto with mobilenet_v2: auto:" in out and "head only; 0 of 7 stages" in out
 
 
 def test_bad_arguments_exit_2_with_message(tmp_path, capsys):

@@ -45,6 +45,24 @@ def test_every_bad_input_case_is_reported_by_name_and_good_images_remain(tmp_pat
     assert splits.class_names == ("blue", "red")  # the empty 'green' class is not a class
 
 
+@pytest.mark.slow
+def test_good_images_still_train_and_the_run_report_names_every_skipped_file(tmp_path):
+    from toolkit.finetune import finetune
+    from toolkit.recipes import build_config
+
+    root = tmp_path / "data"
+    expected = build_corpus(root)
+    config = build_config(None, {"data": str(root), "freeze": "all", "image_size": 64, "head_epochs": 2, "batch_size": 8})
+    result = finetune(config, out=tmp_path / "run", verbose=0)
+    report = (tmp_path / "run" / "report.md").read_text()
+    for rel, (status, fragment) in expected.items():
+        if status == "skipped":
+            assert f"`{root / rel}`" in report, rel
+    assert "leakage" in report and result.metrics["n_val"] > 0
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["statistics"]["skipped_files"] == sum(s == "skipped" for s, _ in expected.values())
+
+
 def test_converted_images_are_what_a_viewer_shows(tmp_path, cache):
     root = tmp_path / "data"
     build_corpus(root)

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 logger = logging.getLogger("toolkit")
@@ -76,6 +77,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from toolkit.recipes import build_config
 
     verbose = 1 if sys.stdout.isatty() else 2
+    if args.ensemble or (args.resume and (Path(args.resume) / "ensemble.json").is_file()):
+        return _finetune_ensemble(args, verbose)
     if args.resume:
         result_kwargs = {"resume": args.resume}
     else:
@@ -92,6 +95,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(f"freeze plan: {result.plan.describe()}")
     print(f"validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
     print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _finetune_ensemble(args: argparse.Namespace, verbose: int) -> int:
+    from toolkit.finetune import finetune_ensemble
+    from toolkit.recipes import build_config
+
+    if args.resume:
+        result = finetune_ensemble(None, "", resume=args.resume, verbose=verbose)
+    else:
+        if not args.data:
+            raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
+        overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES} | {"data": args.data}
+        config = build_config(args.recipe, overrides)
+        result = finetune_ensemble(config, args.ensemble, out=args.out, overwrite=args.overwrite, verbose=verbose)
+    for name, acc in result["members"].items():
+        print(f"member {name}: validation accuracy {acc:.4f}")
+    print(f"ensemble validation accuracy: {result['val_accuracy']:.4f} ({result['n_val']} images)")
+    print(f"ensemble folder: {result['run_dir']}")
     return 0
 
 
@@ -116,7 +138,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             "per class + global average pooling) on the frozen backbone, on cached features; stage 2 fine-tunes "
             "the stages the freeze plan unfreezes. Settings come from --recipe; flags given here override it. "
             "Writes model.keras, recipe.toml, classes.json, pca.json, history.csv, curves.png, metrics.json, "
-            "data.json and report.md into the run folder. Exit status: 0 done, 2 bad input, 3 accuracy gate failed."
+            "data.json, calibration.json and report.md into the run folder. Exit status: 0 done, 2 bad input, "
+            "3 accuracy gate failed."
         ),
     )
     p.add_argument("--data", help="dataset folder or CSV manifest (see above)")
@@ -124,7 +147,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    "path (default: quick)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<backbone>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
-    p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run from its last epoch")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run (or ensemble folder) "
+                   "from its last finished epoch")
+    p.add_argument("--ensemble", metavar="SPEC", default=None, help="train independent members into one ensemble "
+                   "folder: comma-separated backbones (mobilenet_v2,efficientnet_lite0) or a number of seeds (3)")
     g = p.add_argument_group("recipe overrides (default: the recipe's value)")
     g.add_argument("--backbone", help="backbone name; `toolkit backbones` lists them")
     g.add_argument("--weights", help="'imagenet', 'none' for random init, or a path to a Keras weights "
@@ -176,6 +202,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           f"{sum(p.severity == 'info' for p in splits.problems)} handled automatically")
     for p in shown:
         print(f"  {p.severity:<8} {p.path}: {p.reason}")
+    from toolkit import backbones
+    from toolkit.freeze import plan_freeze
+
+    spec = backbones.get_spec(args.backbone)
+    plan = plan_freeze("auto", len(splits.train), len(splits.class_names), [s.name for s in spec.stages])
+    print(f"freeze plan for --freeze auto with {args.backbone}: {plan.describe()}")
     return 0
 
 
@@ -186,14 +218,123 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         description="Verify every image of DATA (decoding it; verdicts are cached) and print the classes, images "
         "per class and split, the imbalance ratio, image sizes, and every problem found: files that will be "
         "skipped (with the reason), warnings such as train/test leakage, and files handled automatically "
-        "(EXIF rotation, CMYK, transparency, huge images).",
+        "(EXIF rotation, CMYK, transparency, huge images); then the freeze plan --freeze auto would choose.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest (as for finetune)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when DATA has no val/ folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--all-problems", action="store_true", help="also list the files handled automatically")
+    p.add_argument("--backbone", default="mobilenet_v2", help="backbone whose stages the freeze plan counts")
     p.set_defaults(func=_cmd_inspect)
+
+
+# ----------------------------------------------------------------------------- predict / evaluate / explain / export
+
+
+def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
+    if many:
+        p.add_argument("--model", action="append", required=True, metavar="RUN",
+                       help="run folder or ensemble folder; repeat for an ensemble (mean of probabilities)")
+        p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model (default equal)")
+        p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
+                       help="test-time augmentation: centre crop only, + mirror, 4 corners + centre, those + mirrors, "
+                       "or the whole image through the fully convolutional network")
+        p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
+    else:
+        p.add_argument("--model", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
+    from toolkit.verify import verify_files
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"Output exists. Received: out={str(out)!r}; pass --overwrite to replace it.")
+    members = load_models(args.model, args.weights)
+    records = verify_files(collect_images(args.images), progress=False)
+    errors = {r.path: r.reason for r in records if not r.ok}
+    good = [r for r in records if r.ok]
+    from keras.utils import Progbar
+
+    bar = Progbar(len(good) * len(members), unit_name="image")
+    probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
+                             args.batch_size, bar.add)
+    frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs)
+    from toolkit import runs
+
+    runs.write_text(out, frame.to_csv(index=False))
+    print(f"{len(good)} images predicted, {len(errors)} unreadable (rows say why); written to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from toolkit.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size)
+    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
+    print(f"accuracy {m['accuracy']:.4f}{top5}, macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+          f"on {m['n']} {m['split']} images; written to {args.out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from toolkit.explain import explain
+
+    written = explain(args.model, args.images, args.out, args.class_name, args.overwrite)
+    print(f"{len(written)} class-activation maps written to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.export import export
+
+    target = export(args.model, args.format, args.out, args.overwrite)
+    print(f"exported {args.format}: {target}")
+    return 0
+
+
+def _add_inference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict classes of new images, to CSV",
+                       description="Predict the class of every image given (files, folders searched recursively, or "
+                       "CSVs with a path column) with one model or an ensemble, optionally with test-time augmentation. "
+                       "Writes a CSV: path, label, probability, top-k labels and probabilities (all class probabilities "
+                       "with --all-probs), and an error column for unreadable files, which get a row saying why.")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
+    _model_args(p)
+    p.add_argument("--top-k", type=int, default=3, help="how many top classes to list")
+    p.add_argument("--all-probs", action="store_true", help="also a prob_<class> column for every class")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, calibration, mistakes",
+                       description="Evaluate one model or an ensemble on labelled data: DATA's test/ split if it has one, "
+                       "else its validation split, else every image. Writes metrics.json (accuracy, top-5 with 5+ "
+                       "classes, per-class precision/recall/F1, confusion matrix, ECE, NLL), confusion_matrix.csv/.png, "
+                       "predictions.csv and mistakes.png (the most confident mistakes) into --out.")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("explain", help="class-activation maps overlaid on images",
+                       description="Write, per image, the class-activation map of the NIN head's per-class 1x1 conv "
+                       "maps, for the predicted class or --class, upsampled and overlaid on the image (PNG).")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
+    _model_args(p, many=False)
+    p.add_argument("--class", dest="class_name", default=None, help="class to explain (default: the predicted one)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("export", help="export a model as SavedModel, TFLite or ONNX",
+                       description="Export a run's model. Every format takes raw RGB float32 in [0, 255], shape "
+                       "(batch, size, size, 3), and returns class probabilities; classes.json is written beside it.")
+    _model_args(p, many=False)
+    p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
 
 
 # ----------------------------------------------------------------------------- main
@@ -207,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
+    _add_inference(sub)
     _add_inspect(sub)
     p = sub.add_parser(
         "backbones",

@@ -157,6 +157,7 @@ class _Run:
         self.state = state
         self.verbose = verbose
         self.timings: dict[str, float] = state.setdefault("timings", {})
+        self.closers: list = []  # worker pools to shut down at the end
 
     def save_state(self) -> None:
         runs.write_json(self.dir / STATE_FILE, self.state)
@@ -191,6 +192,16 @@ class _Run:
         self.save_state()
 
 
+def create_run(config: FinetuneConfig, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Make the run folder and write its resolved recipe; training it is ``finetune(resume=...)``."""
+    if not config.data:
+        raise ValueError("finetune needs data. Received: data=''")
+    config.validate()
+    run_dir = runs.prepare_run_dir(out or runs.default_run_dir(config.backbone), overwrite)
+    runs.write_text(run_dir / RECIPE_FILE, runs.to_toml(config_to_dict(config)))
+    return run_dir
+
+
 def finetune(
     config: FinetuneConfig | None = None,
     out: str | Path | None = None,
@@ -199,26 +210,106 @@ def finetune(
     verbose: int = 1,
 ) -> FinetuneResult:
     """Train a classifier; see the module docstring. ``resume`` continues a run folder."""
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / RECIPE_FILE).is_file():
-            raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
-        import tomllib
+    if resume is None:
+        if config is None:
+            raise ValueError("finetune needs a config or resume=RUN")
+        resume = create_run(config, out, overwrite)
+    run_dir = Path(resume)
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
+    import tomllib
 
-        config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
-        state_path = run_dir / STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if state.get("finished"):
-            raise ValueError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
-    else:
-        if config is None or not config.data:
-            raise ValueError("finetune needs data. Received: data=''")
-        config.validate()
-        run_dir = runs.prepare_run_dir(out or runs.default_run_dir(config.backbone), overwrite)
-        runs.write_text(run_dir / RECIPE_FILE, runs.to_toml(config_to_dict(config)))
-        state = {}
+    config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
+    state_path = run_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("finished"):
+        raise ValueError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
     run = _Run(config, run_dir, state, verbose)
-    return _train(run)
+    try:
+        return _train(run)
+    finally:
+        for close in run.closers:
+            close()
+
+
+def finetune_ensemble(
+    config: FinetuneConfig | None,
+    members: str,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Train independent members into one ensemble folder that ``--model`` accepts as one model.
+
+    ``members``: comma-separated backbone names (``mobilenet_v2,efficientnet_lite0``) or a number
+    of seeds of the configured backbone (``3``: seeds s, s+1, s+2).
+    """
+    from toolkit.calibration import calibrate
+    from toolkit.inference import ENSEMBLE_FILE, load_models, predict_ensemble
+
+    if resume is not None:
+        folder = Path(resume)
+        spec = json.loads((folder / ENSEMBLE_FILE).read_text())
+    else:
+        if config is None:
+            raise ValueError("finetune_ensemble needs a config or resume=FOLDER")
+        config.validate()
+        variants = _ensemble_variants(config, members)
+        folder = runs.prepare_run_dir(out or runs.default_run_dir("ensemble"), overwrite)
+        names = []
+        for i, variant in enumerate(variants, start=1):
+            name = f"{i}-{variant.backbone}-seed{variant.seed}"
+            create_run(variant, folder / name)
+            names.append(name)
+        spec = {"members": names, "weights": [1.0] * len(names)}
+        runs.write_json(folder / ENSEMBLE_FILE, spec)
+    member_metrics = {}
+    for name in spec["members"]:
+        member_dir = folder / name
+        state = member_dir / STATE_FILE
+        if state.is_file() and json.loads(state.read_text()).get("finished"):
+            member_metrics[name] = json.loads((member_dir / "metrics.json").read_text())
+            continue
+        logger.info("ensemble: training member %s", name)
+        member_metrics[name] = finetune(resume=member_dir, verbose=verbose).metrics
+
+    # The ensemble on the validation split (members share data and seed of the split).
+    import tomllib
+
+    first = config_from_dict(tomllib.loads((folder / spec["members"][0] / RECIPE_FILE).read_text()))
+    splits = load_splits(first.data, first.val_fraction, first.seed)
+    models = load_models([folder])
+    probs = predict_ensemble(models, splits.val.decode_paths, splits.val.is_jpeg)
+    labels = np.asarray(splits.val.labels)
+    metrics = {
+        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        "n_val": int(len(labels)),
+        "members": {name: m["val_accuracy"] for name, m in member_metrics.items()},
+        "calibration": calibrate(probs, labels),
+    }
+    runs.write_json(folder / "metrics.json", metrics)
+    logger.info("ensemble: validation accuracy %.4f (members: %s); written to %s", metrics["val_accuracy"],
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics["members"].items()), folder)
+    return {"run_dir": folder, **metrics}
+
+
+def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneConfig]:
+    from toolkit import backbones as registry
+
+    members = members.strip()
+    if members.isdigit():
+        count = int(members)
+        if count < 2:
+            raise ValueError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+        return [dataclasses.replace(config, seed=config.seed + i) for i in range(count)]
+    names = [m.strip() for m in members.split(",") if m.strip()]
+    if len(names) < 2:
+        raise ValueError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+    for name in names:
+        registry.get_spec(name)  # did-you-mean
+    return [dataclasses.replace(config, backbone=name, image_size=0 if name != config.backbone else config.image_size)
+            for name in names]
 
 
 def _train(run: _Run) -> FinetuneResult:
@@ -226,6 +317,7 @@ def _train(run: _Run) -> FinetuneResult:
     import tensorflow as tf
 
     from toolkit.augment import pca_statistics
+    from toolkit.calibration import calibrate
     from toolkit.head import BACKBONE, NINHead, build_classifier
     from toolkit.pipeline import make_dataset
 
@@ -256,10 +348,12 @@ def _train(run: _Run) -> FinetuneResult:
     plan = plan_freeze(config.freeze, len(splits.train), num_classes, [s.name for s in spec.stages])
     logger.info("freeze plan: %s", plan.describe())
     weights_arg = None if config.weights == "none" else config.weights
-    backbone = backbones.create(config.backbone, input_shape=(size, size, 3), weights=weights_arg)
+    # Any input size: trained at `size`, the fully convolutional classifier also takes whole images
+    # (toolkit predict --tta full, toolkit explain).
+    backbone = backbones.create(config.backbone, input_shape=(None, None, 3), weights=weights_arg)
     backbone.trainable = False
     head = NINHead(num_classes, config.bottleneck, config.dropout)
-    model = build_classifier(backbone, head, (size, size, 3), batchnorm_inference=not config.train_batchnorm)
+    model = build_classifier(backbone, head, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
     inner = model.get_layer(BACKBONE)
     stage_ends = backbones.stage_boundaries([layer.name for layer in inner.layers], spec.stages)
     total_params = model.count_params()
@@ -274,7 +368,15 @@ def _train(run: _Run) -> FinetuneResult:
     def one_hot(images, labels):
         return images, tf.one_hot(labels, num_classes)
 
+    compose = _load_albumentations(config.albumentations) if config.albumentations else None
+
     def image_data(split, training, seed_offset=0):
+        if training and compose is not None:
+            from toolkit.workers import ProcessAugmentedDataset
+
+            workers = ProcessAugmentedDataset(split, compose, size, config.batch_size, seed=config.seed + seed_offset)
+            run.closers.append(workers.close)
+            return workers.dataset()
         return make_dataset(split, size, config.batch_size, training=training, seed=config.seed + seed_offset,
                             augment_config=config.augment, pca=pca, crop_fraction=config.crop_fraction)
 
@@ -319,6 +421,10 @@ def _train(run: _Run) -> FinetuneResult:
     start = time.perf_counter()
     probs = model.predict(image_data(splits.val, False), verbose=0)
     metrics = _metrics(probs, np.asarray(splits.val.labels), splits.class_names, run.state)
+    calibration = calibrate(probs, np.asarray(splits.val.labels))
+    runs.write_json(run.dir / "calibration.json", calibration)
+    metrics.update(temperature=calibration["temperature"], ece_before=calibration["ece_before"],
+                   ece_after=calibration["ece_after"])
     run.timed("evaluate_s", start)
     metrics["timings"] = dict(run.timings)
     metrics["freeze_plan"] = plan.describe()
@@ -335,10 +441,17 @@ def _train(run: _Run) -> FinetuneResult:
     return FinetuneResult(run.dir, metrics, plan)
 
 
+def _load_albumentations(path: str):
+    import albumentations
+
+    fmt = "yaml" if path.endswith((".yaml", ".yml")) else "json"
+    return albumentations.load(path, data_format=fmt)
+
+
 def _cache_decision(config: FinetuneConfig, head, backbone, n_train: int, size: int) -> tuple[bool, str]:
     if config.cache_features == "off":
         return False, "training on images (feature cache switched off in the recipe)"
-    shape = backbone.output_shape[1:]
+    shape = backbone.compute_output_shape((1, size, size, 3))[1:]
     per_view = int(np.prod(shape)) * 2 if not head.is_linear else int(shape[-1]) * 4
     views = cache_views(n_train, config.cache_views, config.cache_view_budget)
     total = per_view * n_train * views
@@ -482,6 +595,8 @@ def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: F
             training.append(f"- {stage}: {s['epochs_done']} epochs, best epoch {s['best_epoch']} "
                             f"(val loss {s['best_loss']:.4f}, val accuracy {metrics.get(stage + '_val_accuracy') or 0:.4f})")
     training.append(f"- final validation accuracy: {metrics['val_accuracy']:.4f} on {metrics['n_val']} images")
+    training.append(f"- calibration: temperature {metrics['temperature']:.3f} fitted on the validation split; "
+                    f"ECE {metrics['ece_before']:.4f} before, {metrics['ece_after']:.4f} after")
     timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
     runs.write_text(run.dir / "report.md", report_markdown(splits, stats, {"Training": "\n".join(training), "Timings": timings}))
 

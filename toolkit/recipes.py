@@ -61,6 +61,9 @@ class FinetuneConfig:
     seed: int = 0
     mixed_precision: bool = False
     min_accuracy: float | None = None
+    # An albumentations Compose saved with albumentations.save(compose, path) (JSON or YAML). When set,
+    # training views come from it, run in worker processes, instead of the [augment] ops.
+    albumentations: str = ""
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -88,6 +91,9 @@ class FinetuneConfig:
             raise RecipeError(f"stage_lr_decay must be in (0, 1]. Received: stage_lr_decay={self.stage_lr_decay!r}")
         _choice(self, "class_weights", CLASS_WEIGHT_MODES)
         _choice(self, "cache_features", CACHE_MODES)
+        if self.albumentations and not Path(self.albumentations).is_file():
+            raise RecipeError(f"albumentations file not found. Received: albumentations={self.albumentations!r}; "
+                              "save a Compose with albumentations.save(compose, path)")
         if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
             raise RecipeError(f"min_accuracy must be in [0, 1]. Received: min_accuracy={self.min_accuracy!r}")
         from toolkit.freeze import plan_freeze

@@ -1,0 +1,174 @@
+"""``toolkit evaluate``: accuracy, per-class precision/recall/F1, confusion matrix, calibration
+error and a gallery of the most confident mistakes, for one model or an ensemble.
+
+The evaluated split is DATA's ``test/`` folder if it has one, else its
+validation folder, else every image of a folder-per-class tree or CSV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from toolkit import runs
+from toolkit.calibration import expected_calibration_error, nll
+
+logger = logging.getLogger(__name__)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Pure: accuracy, top-5 (5+ classes), per-class precision/recall/F1, confusion matrix, ECE, NLL."""
+    n_classes = len(class_names)
+    predicted = probs.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        tp = confusion[i, i]
+        support = int(confusion[i].sum())
+        predicted_i = int(confusion[:, i].sum())
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": support}
+    out = {
+        "accuracy": float((predicted == labels).mean()),
+        "n": int(len(labels)),
+        "class_names": list(class_names),
+        "per_class": per_class,
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])),
+        "confusion_matrix": confusion.tolist(),
+        "ece": expected_calibration_error(probs, labels),
+        "nll": nll(probs, labels),
+    }
+    if n_classes >= 5:
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        out["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    return out
+
+
+def evaluation_split(data: str | Path):
+    """The split to evaluate (see module docstring), verified, with its problems."""
+    from toolkit.datasets import DatasetError, load_splits
+
+    splits = load_splits(data, val_fraction=0.5)  # the fraction only matters for a tree without splits
+    if splits.test is not None and len(splits.test):
+        return splits.test, splits, "test"
+    if "stratified" not in splits.val_source:
+        return splits.val, splits, "validation"
+    from toolkit.datasets import Split
+
+    merged = Split(splits.train.paths + splits.val.paths, splits.train.labels + splits.val.labels, splits.class_names,
+                   (splits.train.records or ()) + (splits.val.records or ()))
+    if not len(merged):
+        raise DatasetError(f"{data}: nothing to evaluate")
+    return merged, splits, "all images"
+
+
+def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none", weights=None,
+             overwrite: bool = False, batch_size: int = 32, verbose: int = 1) -> dict[str, Any]:
+    from toolkit.inference import load_models, predict_ensemble
+
+    out = runs.prepare_run_dir(out, overwrite)
+    members = load_models(models, weights)
+    class_names = members[0].class_names
+    split, splits, which = evaluation_split(data)
+    index = {n: i for i, n in enumerate(class_names)}
+    unknown = sorted(set(split.class_names) - set(index))
+    if unknown:
+        raise ValueError(f"{data}: classes {unknown} are not among the model's classes {list(class_names)}")
+    labels = np.asarray([index[split.class_names[y]] for y in split.labels])
+    progress = None
+    if verbose:
+        from keras.utils import Progbar
+
+        bar = Progbar(len(split) * len(members), unit_name="image")
+        progress = bar.add
+    probs = predict_ensemble(members, split.decode_paths, split.is_jpeg, tta, batch_size, progress)
+    metrics = classification_metrics(probs, labels, class_names)
+    metrics.update({"split": which, "tta": tta, "models": [str(m.path) for m in members],
+                    "skipped_files": [dataclasses.asdict(p) for p in splits.skipped()]})
+    runs.write_json(out / "metrics.json", metrics)
+    _write_confusion(out, np.asarray(metrics["confusion_matrix"]), class_names)
+    _write_predictions(out, split.paths, probs, labels, class_names)
+    _mistake_gallery(out / "mistakes.png", split.decode_paths, probs, labels, class_names)
+    logger.info("evaluate: accuracy %.4f on %d %s images (%s TTA); written to %s", metrics["accuracy"], metrics["n"],
+                which, tta, out)
+    return metrics
+
+
+def _write_confusion(out: Path, confusion: np.ndarray, class_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(confusion, index=[f"true_{c}" for c in class_names], columns=[f"pred_{c}" for c in class_names])
+    buffer = io.StringIO()
+    frame.to_csv(buffer)
+    runs.write_text(out / "confusion_matrix.csv", buffer.getvalue())
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center",
+                    color="white" if confusion[i, j] > confusion.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    with runs.atomic_path(out / "confusion_matrix.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def _write_predictions(out: Path, paths, probs: np.ndarray, labels: np.ndarray, class_names) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "path": list(paths),
+        "true": [class_names[i] for i in labels],
+        "predicted": [class_names[i] for i in probs.argmax(1)],
+        "probability": probs.max(1),
+    })
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    runs.write_text(out / "predictions.csv", buffer.getvalue())
+
+
+def _mistake_gallery(target: Path, paths, probs: np.ndarray, labels: np.ndarray, class_names, count: int = 16) -> None:
+    """A grid of the most confident mistakes: the errors most worth a human look."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:count]
+    cols = 4
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if not len(wrong):
+        axes[0, 0].text(0, 0.5, "no mistakes", fontsize=14)
+    for ax, i in zip(axes.ravel(), wrong):
+        with Image.open(paths[i]) as im:
+            im.thumbnail((256, 256))
+            ax.imshow(np.asarray(im.convert("RGB")))
+        ax.set_title(f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i, predicted[i]]:.2f})",
+                     fontsize=9)
+    fig.tight_layout()
+    with runs.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

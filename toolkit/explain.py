@@ -1,0 +1,78 @@
+"""``toolkit explain``: class-activation maps from the NIN head, for free.
+
+The head's 1x1 conv gives one map per class *before* global average pooling,
+so the class score is exactly the mean of its map: the map is the class
+activation map (Zhou et al., 2016). The whole image goes through the fully
+convolutional network (shorter side resized to size / crop_fraction, aspect
+kept), the chosen class's map is upsampled to the image and overlaid.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from toolkit import runs
+from toolkit.head import CLASS_MAPS
+
+logger = logging.getLogger(__name__)
+
+
+def class_activation_map(member, image: np.ndarray, class_name: str | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(CAM in [0, 1] at the image's resolution, class index, class probabilities) for an RGB uint8 image."""
+    import keras
+    import tensorflow as tf
+
+    cam_model = keras.Model(member.model.input, [member.model.get_layer(CLASS_MAPS).output, member.model.output])
+    h, w = image.shape[:2]
+    scale = (member.image_size / member.crop_fraction) / min(h, w)
+    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), (max(1, round(h * scale)), max(1, round(w * scale))))
+    maps, probs = cam_model(resized[tf.newaxis], training=False)
+    probs = np.asarray(probs)[0]
+    if class_name is None:
+        index = int(probs.argmax())
+    elif class_name in member.class_names:
+        index = member.class_names.index(class_name)
+    else:
+        raise ValueError(f"Unknown class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
+    cam = np.asarray(maps)[0, :, :, index]
+    cam = tf.image.resize(cam[..., None], (h, w), method="bilinear").numpy()[..., 0]
+    cam = (cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-12)
+    return cam, index, probs
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    import matplotlib
+
+    heat = matplotlib.colormaps["jet"](cam)[..., :3] * 255.0
+    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
+
+
+def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
+            overwrite: bool = False) -> list[Path]:
+    from PIL import Image
+
+    from toolkit.inference import collect_images, load_member
+    from toolkit.verify import verify_files
+
+    out = runs.prepare_run_dir(out, overwrite)
+    member = load_member(model)
+    written = []
+    for record in verify_files(collect_images(images)):
+        if not record.ok:
+            logger.warning("explain: skipped %s: %s", record.path, record.reason)
+            continue
+        with Image.open(record.decode_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        cam, index, probs = class_activation_map(member, image, class_name)
+        stem = re.sub(r"[^\w.-]+", "_", Path(record.path).stem)
+        target = out / f"{stem}.cam-{member.class_names[index]}.png"
+        with runs.atomic_path(target) as tmp:
+            Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")
+        logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index], target)
+        written.append(target)
+    return written

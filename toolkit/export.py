@@ -1,0 +1,80 @@
+"""``toolkit export``: a trained model as TensorFlow SavedModel, TFLite or ONNX.
+
+Every format takes what the Keras model takes: raw RGB float32 in [0, 255],
+(batch, size, size, 3), preprocessing inside; the output is the class
+probabilities (temperature scaling, if fitted, is applied by ``toolkit
+predict``, not baked in). The exported file and a ``classes.json`` go into
+``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from toolkit import runs
+
+logger = logging.getLogger(__name__)
+FORMATS = ("savedmodel", "tflite", "onnx")
+
+
+class ExportUnavailableError(RuntimeError):
+    pass
+
+
+def _fixed_shape_model(member):
+    """The classifier with a fully specified input (what the converters want)."""
+    import keras
+
+    size = member.image_size
+    inputs = keras.Input((size, size, 3), batch_size=None, name="image")
+    return keras.Model(inputs, member.model(inputs), name="classifier")
+
+
+def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Path:
+    from toolkit.inference import load_member
+
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format. Received: format={fmt!r}; allowed: {', '.join(FORMATS)}")
+    member = load_member(model)
+    out = runs.prepare_run_dir(out, overwrite)
+    runs.write_json(out / "classes.json", list(member.class_names))
+    keras_model = _fixed_shape_model(member)
+    if fmt == "savedmodel":
+        target = out / "savedmodel"
+        _export_savedmodel(keras_model, target)
+    elif fmt == "tflite":
+        import tensorflow as tf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _export_savedmodel(keras_model, Path(tmp) / "sm")
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
+            flat = converter.convert()
+        target = out / "model.tflite"
+        with runs.atomic_path(target) as tmp_file:
+            tmp_file.write_bytes(flat)
+    else:
+        target = out / "model.onnx"
+        try:
+            import tf2onnx  # noqa: F401
+        except ImportError as exc:
+            raise ExportUnavailableError(
+                "ONNX export needs tf2onnx and onnx (pip install tf2onnx onnx); they are not installed. "
+                f"({exc})") from None
+        with runs.atomic_path(target) as tmp_file:
+            keras_model.export(str(tmp_file), format="onnx", verbose=False)
+    logger.info("export: %s written to %s", fmt, target)
+    return target
+
+
+def _export_savedmodel(keras_model, target: Path) -> None:
+    # A SavedModel is a folder: write it beside the target and rename it into place.
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    keras_model.export(str(tmp), format="tf_saved_model", verbose=False)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

@@ -1,0 +1,261 @@
+"""Predictions from trained runs: test-time augmentation and ensembles.
+
+A *member* is one run folder (``model.keras`` + ``classes.json`` +
+``recipe.toml`` + optional ``calibration.json``). An *ensemble folder* holds
+``ensemble.json`` listing member folders (and optional weights); it is
+accepted wherever a run is.
+
+TTA modes (:data:`TTA_MODES`), all at the model's crop fraction:
+
+* ``none``: the evaluation centre crop (exactly the training run's evaluation view);
+* ``flip``: centre crop and its mirror;
+* ``5crop``: four corner crops and the centre crop;
+* ``10crop``: those five and their mirrors;
+* ``full``: the whole image, shorter side resized to size / crop_fraction, aspect kept, through
+  the fully convolutional network (the NIN head accepts any size).
+
+Each image is decoded once and every view is cut from that decode; the views
+of a batch of images go through the network as one batch, so 10-crop costs
+about 10x the centre crop and no more. Probabilities are averaged over views,
+temperature-scaled per member, then averaged (optionally weighted) over
+members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tomllib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from toolkit.calibration import apply_temperature
+
+logger = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip", "5crop", "10crop", "full")
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class ModelMismatchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Member:
+    path: Path
+    model: object  # keras.Model
+    class_names: tuple[str, ...]
+    image_size: int
+    crop_fraction: float
+    temperature: float = 1.0
+    weight: float = 1.0
+
+
+def _run_image_size(run: Path, recipe: dict) -> int:
+    if recipe.get("image_size"):
+        return int(recipe["image_size"])
+    from toolkit import backbones
+
+    return backbones.get_spec(recipe.get("backbone", "mobilenet_v2")).input_size
+
+
+def load_member(run: str | Path, weight: float = 1.0):
+    import keras
+
+    run = Path(run)
+    if not (run / "model.keras").is_file():
+        raise FileNotFoundError(f"Not a trained run folder (no model.keras). Received: model={str(run)!r}")
+    recipe = tomllib.loads((run / "recipe.toml").read_text()) if (run / "recipe.toml").is_file() else {}
+    calibration = json.loads((run / "calibration.json").read_text()) if (run / "calibration.json").is_file() else {}
+    return Member(
+        path=run,
+        model=keras.models.load_model(run / "model.keras", safe_mode=True),
+        class_names=tuple(json.loads((run / "classes.json").read_text())),
+        image_size=_run_image_size(run, recipe),
+        crop_fraction=float(recipe.get("crop_fraction", 0.875)),
+        temperature=float(calibration.get("temperature", 1.0)),
+        weight=weight,
+    )
+
+
+def expand_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[tuple[Path, float]]:
+    """Run folders (ensemble folders expanded into their members) with their weights."""
+    if weights is not None and len(weights) != len(paths):
+        raise ValueError(f"--weights needs one weight per --model. Received: {len(weights)} weights for {len(paths)} models")
+    out: list[tuple[Path, float]] = []
+    for path, weight in zip(paths, weights or [1.0] * len(paths)):
+        path = Path(path)
+        if (path / ENSEMBLE_FILE).is_file():
+            spec = json.loads((path / ENSEMBLE_FILE).read_text())
+            member_weights = spec.get("weights") or [1.0] * len(spec["members"])
+            out += [(path / m, weight * w) for m, w in zip(spec["members"], member_weights)]
+        else:
+            out.append((path, weight))
+    return out
+
+
+def load_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Member]:
+    """Load every member; their class lists must be identical (same names, same order)."""
+    members = [load_member(p, w) for p, w in expand_models(paths, weights)]
+    reference = members[0].class_names
+    for m in members[1:]:
+        if m.class_names != reference:
+            only_a = sorted(set(reference) - set(m.class_names))
+            only_b = sorted(set(m.class_names) - set(reference))
+            detail = (f"{members[0].path} has {only_a} that {m.path} lacks, {m.path} has {only_b}"
+                      if only_a or only_b else "same classes in a different order")
+            raise ModelMismatchError(f"Ensemble members disagree on their classes: {detail}. "
+                                     "Train every member on the same class folders.")
+    return members
+
+
+# ----------------------------------------------------------------------------- TTA views (TF)
+
+
+def _windows(shape_hw, mode: str, crop_fraction: float):
+    """[(top, left, side, side)], and which views are mirrored, for the crop modes."""
+    import tensorflow as tf
+
+    from toolkit.augment import centre_window
+
+    centre = centre_window(shape_hw, crop_fraction)
+    if mode in ("none", "flip"):
+        windows = [centre]
+    else:
+        h, w = tf.cast(shape_hw[0], tf.int32), tf.cast(shape_hw[1], tf.int32)
+        side = centre[2]
+        corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side)]
+        windows = [tf.stack([t, l, side, side]) for t, l in corners] + [centre]
+    mirrored = [False] * len(windows)
+    if mode in ("flip", "10crop"):
+        windows, mirrored = windows + windows, mirrored + [True] * len(windows)
+    return windows, mirrored
+
+
+def tta_views(data, is_jpeg, size: int, mode: str, crop_fraction: float):
+    """All views of one encoded image: (V, size, size, 3) float32; (1, H, W, 3) for ``full``."""
+    import tensorflow as tf
+
+    from toolkit.pipeline import eval_image, resize
+
+    if mode == "none":
+        return eval_image(data, is_jpeg, size, crop_fraction)[tf.newaxis]
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)  # decoded once, all views cut from it
+    image.set_shape([None, None, 3])
+    if mode == "full":
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = (size / crop_fraction) / tf.reduce_min(hw)
+        new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
+        return tf.image.resize(image, new_hw, method="bilinear")[tf.newaxis]
+    windows, mirrored = _windows(tf.shape(image), mode, crop_fraction)
+    views = []
+    for win, mirror in zip(windows, mirrored):
+        crop = resize(tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], 3])), size)
+        views.append(tf.reverse(crop, axis=[1]) if mirror else crop)
+    return tf.stack(views)
+
+
+def view_count(mode: str) -> int:
+    return {"none": 1, "flip": 2, "5crop": 5, "10crop": 10, "full": 1}[mode]
+
+
+def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequence[bool], mode: str = "none",
+                   batch_size: int = 32, progress=None) -> np.ndarray:
+    """(N, C) view-averaged, temperature-scaled probabilities of one member."""
+    import tensorflow as tf
+
+    if mode not in TTA_MODES:
+        raise ValueError(f"Unknown TTA mode. Received: tta={mode!r}; allowed: {', '.join(TTA_MODES)}")
+    if not decode_paths:
+        return np.zeros((0, len(member.class_names)), np.float32)
+    size, fraction = member.image_size, member.crop_fraction
+    ds = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
+    ds = ds.map(lambda p, j: tta_views(tf.io.read_file(p), j, size, mode, fraction),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    forward = tf.function(lambda x: member.model(x, training=False), reduce_retracing=True)
+    out = []
+    if mode == "full":  # sizes differ per image: one image at a time
+        for views in ds.prefetch(tf.data.AUTOTUNE):
+            out.append(np.asarray(forward(views)).mean(axis=0))
+            if progress:
+                progress(1)
+    else:
+        per_image = view_count(mode)
+        for views in ds.batch(max(1, batch_size // per_image)).prefetch(tf.data.AUTOTUNE):
+            n = int(views.shape[0])
+            probs = np.asarray(forward(tf.reshape(views, (-1, size, size, 3))))
+            out.append(probs.reshape(n, per_image, -1).mean(axis=1))
+            if progress:
+                progress(n)
+    probs = np.concatenate(out) if mode != "full" else np.stack(out)
+    return apply_temperature(probs, member.temperature)
+
+
+def predict_ensemble(members: Sequence[Member], decode_paths, is_jpeg, mode: str = "none", batch_size: int = 32,
+                     progress=None) -> np.ndarray:
+    """Weighted mean of the members' probabilities."""
+    total = sum(m.weight for m in members)
+    probs = None
+    for m in members:
+        p = predict_member(m, decode_paths, is_jpeg, mode, batch_size, progress) * (m.weight / total)
+        probs = p if probs is None else probs + p
+    return probs
+
+
+# ----------------------------------------------------------------------------- inputs and CSV
+
+
+def collect_images(inputs: Iterable[str]) -> list[str]:
+    """Files named directly, image files under folders (recursively), and `path` columns of CSVs."""
+    from toolkit.datasets import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*")
+                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            import pandas as pd
+
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if "path" not in frame.columns:
+                raise ValueError(f"{path}: a CSV of images needs a 'path' column. Received columns: {list(frame.columns)}")
+            files += [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in frame["path"]]
+        else:
+            files.append(str(path))  # missing files get a row that says so
+    return files
+
+
+def predictions_frame(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str], errors: dict[str, str],
+                      top_k: int = 3, all_probs: bool = False):
+    """One row per input path: prediction, top-k, optional all probabilities, or the error."""
+    import pandas as pd
+
+    k = max(1, min(top_k, len(class_names)))
+    rows, row_of = [], {}
+    ok_paths = [p for p in paths if p not in errors]
+    for i, p in enumerate(ok_paths):
+        row_of[p] = i
+    for path in paths:
+        row: dict[str, object] = {"path": path}
+        if path in errors:
+            row.update({"label": "", "probability": np.nan, "error": errors[path]})
+        else:
+            p = probs[row_of[path]]
+            order = np.argsort(-p)[:k]
+            row.update({"label": class_names[order[0]], "probability": float(p[order[0]]), "error": ""})
+            for rank, c in enumerate(order, start=1):
+                row[f"top{rank}_label"] = class_names[c]
+                row[f"top{rank}_prob"] = float(p[c])
+            if all_probs:
+                row.update({f"prob_{name}": float(v) for name, v in zip(class_names, p)})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    columns = ["path", "label", "probability"] + [c for c in frame.columns if c.startswith("top")]
+    columns += [c for c in frame.columns if c.startswith("prob_")] + ["error"]
+    return frame.reindex(columns=columns)
