@@ -53,6 +53,18 @@ class Member:
     crop_fraction: float
     temperature: float = 1.0
     weight: float = 1.0
+    _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def forward(self, whole_images: bool = False):
+        """The model's inference call, compiled once per member: a fixed input signature with any batch
+        (and, for whole images, any height and width) means no re-tracing between calls or batches."""
+        import tensorflow as tf
+
+        if whole_images not in self._forwards:
+            size = None if whole_images else self.image_size
+            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
+            self._forwards[whole_images] = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        return self._forwards[whole_images]
 
 
 def _run_image_size(run: Path, recipe: dict) -> int:
@@ -173,24 +185,34 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
     if not decode_paths:
         return np.zeros((0, len(member.class_names)), np.float32)
     size, fraction = member.image_size, member.crop_fraction
-    ds = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
-    ds = ds.map(lambda p, j: tta_views(tf.io.read_file(p), j, size, mode, fraction),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    forward = tf.function(lambda x: member.model(x, training=False), reduce_retracing=True)
+    forward = member.forward(whole_images=mode == "full")
+
+    def decoded(paths, jpeg):
+        ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(jpeg, bool)))
+        return ds.map(lambda p, j: tta_views(tf.io.read_file(p), j, size, mode, fraction),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     out = []
     if mode == "full":  # sizes differ per image: one image at a time
-        for views in ds.prefetch(tf.data.AUTOTUNE):
+        for views in decoded(decode_paths, is_jpeg).prefetch(tf.data.AUTOTUNE):
             out.append(np.asarray(forward(views)).mean(axis=0))
             if progress:
                 progress(1)
     else:
+        # Decode a chunk, then run the network on it with nothing else competing for the cores:
+        # on a CPU, decoding threads beside the network's own threads slow both down.
         per_image = view_count(mode)
-        for views in ds.batch(max(1, batch_size // per_image)).prefetch(tf.data.AUTOTUNE):
-            n = int(views.shape[0])
-            probs = np.asarray(forward(tf.reshape(views, (-1, size, size, 3))))
-            out.append(probs.reshape(n, per_image, -1).mean(axis=1))
-            if progress:
-                progress(n)
+        images_per_pass = max(1, batch_size // per_image)
+        chunk = images_per_pass * 16
+        for start in range(0, len(decode_paths), chunk):
+            views = np.concatenate([v.numpy() for v in decoded(decode_paths[start:start + chunk],
+                                                               is_jpeg[start:start + chunk]).batch(64)])
+            for i in range(0, len(views), images_per_pass):
+                batch = views[i:i + images_per_pass]
+                probs = np.asarray(forward(batch.reshape(-1, size, size, 3)))
+                out.append(probs.reshape(len(batch), per_image, -1).mean(axis=1))
+                if progress:
+                    progress(len(batch))
     probs = np.concatenate(out) if mode != "full" else np.stack(out)
     return apply_temperature(probs, member.temperature)
 
