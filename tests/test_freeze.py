@@ -86,3 +86,10 @@ def test_batchnorm_runs_in_inference_mode_even_when_training(classifier):
         np.testing.assert_array_equal(a, b)  # neither moving statistics nor gamma/beta moved
     conv = inner.get_layer("stage6_block14_expand_conv")
     assert conv.trainable
+    # What guarantees inference mode is trainable=False on the BatchNorm layers: in Keras 3's
+    # functional API the outer call's `training` overrides the `training=False` recorded when the
+    # backbone was called (keras/src/models/functional.py operation_fn). The recipe switch
+    # train_batchnorm=True must therefore really put them in training mode:
+    apply_plan(inner, ends, plan_freeze("none", 10, 2, STAGES), train_batchnorm=True)
+    assert not np.allclose(model(x, training=True), model(x, training=False), atol=1e-3)
+    apply_plan(inner, ends, plan_freeze("none", 10, 2, STAGES))  # restore for other tests

@@ -111,8 +111,10 @@ def apply_plan(backbone, stage_ends: Sequence[int], plan: FreezePlan, train_batc
     """Set ``trainable`` on the backbone's layers at stage boundaries.
 
     Layers up to the end of the highest frozen stage are frozen; the rest train,
-    except BatchNormalization layers unless ``train_batchnorm`` (their
-    statistics stay ImageNet's: the backbone runs in inference mode anyway).
+    except BatchNormalization layers unless ``train_batchnorm``. Keeping them
+    ``trainable=False`` is what holds them in inference mode (ImageNet
+    statistics) during fine-tuning: Keras 3 lets the outer ``training=True`` of
+    ``fit`` override a nested ``backbone(x, training=False)`` call.
     Recompile the model after calling this: Keras reads ``trainable`` at compile.
     """
     import keras

@@ -70,9 +70,12 @@ def build_classifier(
     """raw RGB → backbone → NIN head → class probabilities.
 
     With ``batchnorm_inference`` (the default) the backbone is called with
-    ``training=False``, as the Keras transfer-learning guide requires: its
-    BatchNorm layers keep their ImageNet statistics even when some stages are
-    unfrozen for fine-tuning.
+    ``training=False``, as the Keras transfer-learning guide says. Note that in
+    Keras 3's functional API an outer ``model(x, training=True)`` (what ``fit``
+    does) overrides that recorded argument, so what actually keeps BatchNorm in
+    inference mode during fine-tuning is :func:`toolkit.freeze.apply_plan`
+    leaving the BatchNorm layers ``trainable=False`` (a frozen Keras 3
+    BatchNorm always uses its moving statistics); tests check both.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     # Same layers under a stable name, so the backbone is found by name whatever its family.
