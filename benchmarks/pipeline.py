@@ -66,10 +66,7 @@ def main() -> None:
     root = args.data / "train" if (args.data / "train").is_dir() else args.data
     splits = load_splits(root, val_fraction=0.01)
     # Every candidate reads the same usable files: train + the 1% held out.
-    from toolkit.datasets import Split
-
-    split = Split(splits.train.paths + splits.val.paths, splits.train.labels + splits.val.labels,
-                  splits.class_names, splits.train.records + splits.val.records)
+    split = splits.train + splits.val
     paths = list(split.decode_paths)
     pca = pca_statistics(paths)
     compose = _albumentations_compose()

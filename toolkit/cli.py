@@ -74,7 +74,6 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from toolkit.finetune import AccuracyGateError, finetune
-    from toolkit.recipes import build_config
 
     verbose = 1 if sys.stdout.isatty() else 2
     if args.ensemble or (args.resume and (Path(args.resume) / "ensemble.json").is_file()):
@@ -82,11 +81,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume:
         result_kwargs = {"resume": args.resume}
     else:
-        if not args.data:
-            raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
-        overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES}
-        overrides["data"] = args.data
-        result_kwargs = {"config": build_config(args.recipe, overrides), "out": args.out, "overwrite": args.overwrite}
+        result_kwargs = {"config": _config_from_args(args), "out": args.out, "overwrite": args.overwrite}
     try:
         result = finetune(verbose=verbose, **result_kwargs)
     except AccuracyGateError as exc:
@@ -98,18 +93,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace):
+    """The recipe, with the flags given on the command line on top."""
+    from toolkit.recipes import build_config
+
+    if not args.data:
+        raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
+    overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES} | {"data": args.data}
+    return build_config(args.recipe, overrides)
+
+
 def _finetune_ensemble(args: argparse.Namespace, verbose: int) -> int:
     from toolkit.finetune import finetune_ensemble
-    from toolkit.recipes import build_config
 
     if args.resume:
         result = finetune_ensemble(None, "", resume=args.resume, verbose=verbose)
     else:
-        if not args.data:
-            raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
-        overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES} | {"data": args.data}
-        config = build_config(args.recipe, overrides)
-        result = finetune_ensemble(config, args.ensemble, out=args.out, overwrite=args.overwrite, verbose=verbose)
+        result = finetune_ensemble(_config_from_args(args), args.ensemble, out=args.out, overwrite=args.overwrite, verbose=verbose)
     for name, acc in result["members"].items():
         print(f"member {name}: validation accuracy {acc:.4f}")
     print(f"ensemble validation accuracy: {result['val_accuracy']:.4f} ({result['n_val']} images)")

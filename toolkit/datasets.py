@@ -58,6 +58,13 @@ class Split:
         c = Counter(self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
 
+    def __add__(self, other: "Split") -> "Split":
+        """Both splits' images in one (same classes)."""
+        if other.class_names != self.class_names:
+            raise ValueError(f"cannot join splits with classes {self.class_names} and {other.class_names}")
+        records = self.records + other.records if self.records is not None and other.records is not None else None
+        return Split(self.paths + other.paths, self.labels + other.labels, self.class_names, records)
+
     def take(self, indices) -> "Split":
         records = tuple(self.records[i] for i in indices) if self.records is not None else None
         return Split(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.class_names, records)
@@ -267,6 +274,9 @@ def load_splits(
 
     if records is not None:
         problems += _duplicates(train, val, test)
+    skipped = sum(p.severity == "skipped" for p in problems)
+    if skipped:
+        logger.warning("%d unusable files skipped (listed below, and in the run's report):", skipped)
     for p in problems:
         log = logger.warning if p.severity in ("skipped", "warning") else logger.debug
         log("%s: %s: %s", p.severity, p.path, p.reason)

@@ -61,10 +61,7 @@ def evaluation_split(data: str | Path):
         return splits.test, splits, "test"
     if "stratified" not in splits.val_source:
         return splits.val, splits, "validation"
-    from toolkit.datasets import Split
-
-    merged = Split(splits.train.paths + splits.val.paths, splits.train.labels + splits.val.labels, splits.class_names,
-                   (splits.train.records or ()) + (splits.val.records or ()))
+    merged = splits.train + splits.val
     if not len(merged):
         raise DatasetError(f"{data}: nothing to evaluate")
     return merged, splits, "all images"

@@ -329,7 +329,6 @@ def _train(run: _Run) -> FinetuneResult:
     # ---- data
     start = time.perf_counter()
     splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed, progress=run.verbose > 0)
-    log_problems(splits)
     num_classes = len(splits.class_names)
     if (run.dir / "pca.json").is_file():
         pca = json.loads((run.dir / "pca.json").read_text())
@@ -535,18 +534,6 @@ def _metrics(probs: np.ndarray, labels: np.ndarray, class_names, state: dict) ->
             out[f"{stage}_best_epoch"] = best
             out[f"{stage}_val_accuracy"] = row.get("val_accuracy")
     return out
-
-
-def log_problems(splits: DatasetSplits) -> None:
-    """Say, on the log, what was skipped and why (every file, by name) and what looks wrong."""
-    skipped = splits.skipped()
-    if skipped:
-        logger.warning("%d unusable files skipped:", len(skipped))
-        for p in skipped:
-            logger.warning("  skipped %s: %s", p.path, p.reason)
-    for p in splits.problems:
-        if p.severity == "warning":
-            logger.warning("data warning: %s: %s", p.path, p.reason)
 
 
 def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str] | None = None) -> str:

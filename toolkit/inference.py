@@ -67,7 +67,7 @@ class Member:
         return self._forwards[whole_images]
 
 
-def _run_image_size(run: Path, recipe: dict) -> int:
+def _run_image_size(recipe: dict) -> int:
     if recipe.get("image_size"):
         return int(recipe["image_size"])
     from toolkit import backbones
@@ -87,7 +87,7 @@ def load_member(run: str | Path, weight: float = 1.0):
         path=run,
         model=keras.models.load_model(run / "model.keras", safe_mode=True),
         class_names=tuple(json.loads((run / "classes.json").read_text())),
-        image_size=_run_image_size(run, recipe),
+        image_size=_run_image_size(recipe),
         crop_fraction=float(recipe.get("crop_fraction", 0.875)),
         temperature=float(calibration.get("temperature", 1.0)),
         weight=weight,

@@ -52,11 +52,13 @@ def _layer_arrays(layer: keras.layers.Layer, state: StateDict, prefix: str) -> l
 def load_torch_state(model: keras.Model, state: StateDict, mapping: dict[str, str], source: str) -> None:
     """Load ``state`` into ``model``'s layers named in ``mapping`` (keras name → torch prefix)."""
     used: set[str] = set()
+    skipped_prefixes: set[str] = set()
     for layer_name, prefix in mapping.items():
         try:
             layer = model.get_layer(layer_name)
         except ValueError:
-            continue  # e.g. the classifier when include_top=False
+            skipped_prefixes.add(prefix)  # e.g. the classifier when include_top=False
+            continue
         arrays = _layer_arrays(layer, state, prefix)
         expected = [tuple(w.shape) for w in layer.weights]
         got = [a.shape for a in arrays]
@@ -68,9 +70,6 @@ def load_torch_state(model: keras.Model, state: StateDict, mapping: dict[str, st
         layer.set_weights([np.ascontiguousarray(a, dtype=np.float32) for a in arrays])
         used.update(k for k in state if k.startswith(prefix + "."))
 
-    mapped_prefixes = set(mapping.values())
-    loaded_prefixes = {mapping[n] for n in mapping if _has_layer(model, n)}
-    skipped_prefixes = mapped_prefixes - loaded_prefixes
     leftover = [
         k
         for k in state
@@ -83,11 +82,3 @@ def load_torch_state(model: keras.Model, state: StateDict, mapping: dict[str, st
             f"{source}: {len(leftover)} checkpoint tensors have no place in the model "
             f"(first: {leftover[:3]}); the architecture does not match the checkpoint"
         )
-
-
-def _has_layer(model: keras.Model, name: str) -> bool:
-    try:
-        model.get_layer(name)
-        return True
-    except ValueError:
-        return False
