@@ -121,11 +121,13 @@ def _finetune_ensemble(args: argparse.Namespace, verbose: int) -> int:
 _FINETUNE_OVERRIDES = (
     "backbone", "weights", "image_size", "batch_size", "freeze", "head_epochs", "head_lr", "finetune_epochs",
     "finetune_lr", "label_smoothing", "dropout", "bottleneck", "class_weights", "cache_features", "val_fraction",
-    "seed", "min_accuracy", "mixed_precision",
+    "seed", "min_accuracy", "mixed_precision", "strategy", "data_service",
 )
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from toolkit.recipes import STRATEGIES
+
     p = sub.add_parser(
         "finetune",
         help="train a classifier on a folder of labelled images",
@@ -173,7 +175,49 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, help="seed for the split, augmentation and initialisation")
     g.add_argument("--min-accuracy", type=float, help="exit with status 3 if the final validation accuracy is below this")
     g.add_argument("--mixed-precision", action="store_const", const=True, help="float16 compute (GPUs)")
+    g.add_argument("--strategy", choices=STRATEGIES,
+                   help="tf.distribute strategy: auto (mirrored over >1 GPU, else default), default (one device), "
+                   "mirrored (all local GPUs), multi-worker (one process per machine, configured by TF_CONFIG; "
+                   "needs --out on a shared filesystem). --batch-size is per replica; learning rates scale "
+                   "linearly with the replicas")
+    g.add_argument("--data-service", metavar="grpc://HOST:PORT", help="decode and augment training images on "
+                   "tf.data service workers (`toolkit data-service`) registered with this dispatcher")
     p.set_defaults(func=_cmd_finetune)
+
+
+# ----------------------------------------------------------------------------- data-service
+
+
+def _cmd_data_service(args: argparse.Namespace) -> int:
+    from toolkit import distribute
+
+    if args.role == "dispatcher":
+        server = distribute.start_dispatcher(args.port, args.work_dir)
+        print(f"tf.data service dispatcher: {server.target} (pass --data-service {server.target} to finetune)", flush=True)
+    else:
+        if not args.dispatcher:
+            raise ValueError("a worker needs --dispatcher grpc://HOST:PORT. Received: dispatcher=None")
+        server = distribute.start_worker(args.dispatcher, args.port, args.host)
+        print(f"tf.data service worker serving {args.dispatcher}", flush=True)
+    server.join()  # until interrupted
+    return 0
+
+
+def _add_data_service(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data-service",
+        help="run a tf.data service dispatcher or worker for offloaded input preprocessing",
+        description="Offload image decoding and augmentation to other machines' CPUs when the training machine's "
+        "CPU is the bottleneck. Start one dispatcher and any number of workers (they must see the data at the same "
+        "paths), then train with `toolkit finetune --data-service grpc://DISPATCHER:PORT`. Runs until interrupted.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("role", choices=("dispatcher", "worker"))
+    p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    p.add_argument("--dispatcher", help="worker: the dispatcher's grpc://HOST:PORT")
+    p.add_argument("--host", default="localhost", help="worker: the host name the dispatcher and clients reach it by")
+    p.add_argument("--work-dir", default="", help="dispatcher: folder for its journal (fault-tolerant restarts)")
+    p.set_defaults(func=_cmd_data_service)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -350,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_inference(sub)
     _add_inspect(sub)
+    _add_data_service(sub)
     p = sub.add_parser(
         "backbones",
         help="list the available backbones",

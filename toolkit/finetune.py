@@ -22,6 +22,8 @@ import io
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import backbones, runs
-from toolkit.datasets import DatasetSplits, dataset_statistics, load_splits
+from toolkit.datasets import DatasetSplits, Split, dataset_statistics, load_splits
 from toolkit.freeze import FreezePlan, apply_plan, plan_freeze
 from toolkit.recipes import FinetuneConfig, config_from_dict, config_to_dict
 
@@ -104,17 +106,20 @@ def _layerwise_adam(**kwargs):
     class LayerwiseAdam(keras.optimizers.Adam):
         def __init__(self, multipliers: dict[str, float], **kw):
             super().__init__(**kw)
-            self.multipliers = multipliers
+            self.multipliers = multipliers  # by variable path
+            self._by_index: list[float] = []
+
+        def build(self, var_list):
+            # Under a tf.distribute strategy update_step receives each replica's tf.Variable, which has no
+            # Keras path; the optimizer's own variable index (what Adam uses for its moments) works for both.
+            super().build(var_list)
+            self._by_index = [self.multipliers.get(v.path, 1.0) for v in var_list]
 
         def update_step(self, gradient, variable, learning_rate):
-            m = self.multipliers.get(_var_key(variable), 1.0)
+            m = self._by_index[self._get_variable_index(variable)]
             return super().update_step(gradient, variable, learning_rate * m if m != 1.0 else learning_rate)
 
     return LayerwiseAdam(**kwargs)
-
-
-def _var_key(variable) -> str:
-    return getattr(variable, "path", None) or variable.name
 
 
 def _make_checkpoint_callback(run_dir: Path, stage: str, state: dict, patience: int, save_state):
@@ -151,9 +156,13 @@ def _make_checkpoint_callback(run_dir: Path, stage: str, state: dict, patience: 
 class _Run:
     """One finetune run: its folder, its config and its resumable state."""
 
-    def __init__(self, config: FinetuneConfig, run_dir: Path, state: dict, verbose: int):
+    def __init__(self, config: FinetuneConfig, run_dir: Path, state: dict, verbose: int, scale, work_dir: Path):
         self.config = config
-        self.dir = run_dir
+        self.run_dir = run_dir  # the run folder
+        # Where this process writes: the run folder on the chief; a private temporary folder on other
+        # workers, which compute the same things in step with the chief but must not write the run.
+        self.dir = work_dir
+        self.scale = scale
         self.state = state
         self.verbose = verbose
         self.timings: dict[str, float] = state.setdefault("timings", {})
@@ -169,22 +178,28 @@ class _Run:
     def timed(self, key: str, start: float) -> None:
         self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - start, 2)
 
-    def fit_stage(self, stage: str, model, train_ds, val_ds, epochs: int, class_weight, optimizer_steps=None):
-        """model.fit with per-epoch checkpoints and early stopping; resumes a partial stage."""
+    def fit_stage(self, stage: str, model, train: tuple[Any, int], val: tuple[Any, int | None], epochs: int):
+        """model.fit with per-epoch checkpoints and early stopping; resumes a partial stage.
+
+        ``train`` and ``val`` are (dataset, steps per epoch). The steps are passed to ``fit``
+        under a strategy, whose training datasets repeat so that every worker runs the same
+        number of steps.
+        """
+        (train_ds, steps), (val_ds, val_steps) = train, val
         s = self.stage_state(stage)
         if s["done"]:
             model.load_weights(self.dir / f"{stage}.best.weights.h5")
             return
         if s["epochs_done"]:
             logger.info("%s: resuming after epoch %d", stage, s["epochs_done"])
+            model.optimizer.build(model.trainable_variables)  # built first, so its moments load too
             model.load_weights(self.dir / f"{stage}.last.weights.h5")
-            if optimizer_steps:
-                model.optimizer.build(model.trainable_variables)
-                model.optimizer.iterations.assign(s["epochs_done"] * optimizer_steps)
+            model.optimizer.iterations.assign(s["epochs_done"] * steps)  # the schedule continues where it was
         if s["epochs_done"] < epochs and s["wait"] < self.config.early_stopping_patience:
             callback = _make_checkpoint_callback(self.dir, stage, self.state, self.config.early_stopping_patience, self.save_state)
             model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=s["epochs_done"],
-                      callbacks=[callback], class_weight=class_weight, verbose=self.verbose,
+                      steps_per_epoch=steps if self.scale.distributed else None, validation_steps=val_steps,
+                      callbacks=[callback], verbose=self.verbose if self.scale.is_chief else 0,
                       shuffle=False)  # tf.data shuffles, with the run's seed
         if (self.dir / f"{stage}.best.weights.h5").is_file():
             model.load_weights(self.dir / f"{stage}.best.weights.h5")
@@ -209,27 +224,57 @@ def finetune(
     resume: str | Path | None = None,
     verbose: int = 1,
 ) -> FinetuneResult:
-    """Train a classifier; see the module docstring. ``resume`` continues a run folder."""
+    """Train a classifier; see the module docstring. ``resume`` continues a run folder.
+
+    Under ``strategy = "multi-worker"`` every worker runs this same call (the same command line);
+    ``out`` must then name one folder that all of them see (a shared filesystem). Only the chief
+    creates and writes it.
+    """
+    import tomllib
+
+    from toolkit import distribute
+
     if resume is None:
         if config is None:
             raise ValueError("finetune needs a config or resume=RUN")
-        resume = create_run(config, out, overwrite)
-    run_dir = Path(resume)
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
-    import tomllib
-
-    config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
+        if not config.data:
+            raise ValueError("finetune needs data. Received: data=''")
+        config.validate()
+        if config.strategy == "multi-worker" and out is None:
+            raise ValueError("--strategy multi-worker needs --out: every worker must name the same run folder, on a "
+                             "filesystem they all see. Received: out=None")
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
+        config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
+    scale = distribute.resolve(config.strategy)  # before anything else runs TensorFlow ops
+    logger.info("strategy: %s", scale.describe())
+    if resume is None:
+        run_dir = create_run(config, out, overwrite) if scale.is_chief else Path(out)
     state_path = run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = json.loads(state_path.read_text()) if resume is not None and state_path.is_file() else {}
     if state.get("finished"):
         raise ValueError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
-    run = _Run(config, run_dir, state, verbose)
+    work_dir = run_dir if scale.is_chief else _worker_dir(run_dir, scale.worker_index, resume is not None)
+    run = _Run(config, run_dir, state, verbose, scale, work_dir)
+    if work_dir != run_dir:
+        run.closers.append(lambda: shutil.rmtree(work_dir, ignore_errors=True))
     try:
         return _train(run)
     finally:
         for close in run.closers:
             close()
+
+
+def _worker_dir(run_dir: Path, index: int, resuming: bool) -> Path:
+    """A non-chief worker's private folder; on resume it starts from the run's checkpoints."""
+    work = Path(tempfile.mkdtemp(prefix=f"toolkit-worker{index}-"))
+    if resuming:
+        for path in run_dir.iterdir():
+            if path.is_file() and (path.name.endswith(".weights.h5") or path.name in (STATE_FILE, "pca.json")):
+                shutil.copy2(path, work / path.name)
+    return work
 
 
 def finetune_ensemble(
@@ -314,21 +359,25 @@ def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneCon
 
 def _train(run: _Run) -> FinetuneResult:
     import keras
-    import tensorflow as tf
 
+    with run.scale.strategy.scope():  # variables (model, optimizer) mirrored over the replicas
+        return _train_in_scope(run, keras)
+
+
+def _train_in_scope(run: _Run, keras) -> FinetuneResult:
     from toolkit.augment import pca_statistics
     from toolkit.calibration import calibrate
     from toolkit.head import BACKBONE, NINHead, build_classifier
-    from toolkit.pipeline import make_dataset
 
-    config = run.config
+    config, scale = run.config, run.scale
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     # ---- data
     start = time.perf_counter()
-    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed, progress=run.verbose > 0)
+    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed,
+                                        progress=run.verbose > 0 and scale.is_chief)
     num_classes = len(splits.class_names)
     if (run.dir / "pca.json").is_file():
         pca = json.loads((run.dir / "pca.json").read_text())
@@ -340,10 +389,12 @@ def _train(run: _Run) -> FinetuneResult:
     counts = list(splits.train.counts().values())
     weights = class_weights(counts, config.class_weights)
     run.timed("data_s", start)
+    data = _Data(run, splits, pca, weights)
 
     # ---- model and plan
     spec = backbones.get_spec(config.backbone)
     size = config.image_size or spec.input_size
+    data.size = size
     plan = plan_freeze(config.freeze, len(splits.train), num_classes, [s.name for s in spec.stages])
     logger.info("freeze plan: %s", plan.describe())
     weights_arg = None if config.weights == "none" else config.weights
@@ -363,36 +414,28 @@ def _train(run: _Run) -> FinetuneResult:
         config.backbone, size, f"{total_params:,}", f"{head_params:,}", plan.unfrozen, plan.total, len(splits.train),
         len(splits.val), splits.val_source, num_classes, "; class weights on" if weights else "",
     )
-
-    def one_hot(images, labels):
-        return images, tf.one_hot(labels, num_classes)
-
-    compose = _load_albumentations(config.albumentations) if config.albumentations else None
-
-    def image_data(split, training, seed_offset=0):
-        if training and compose is not None:
-            from toolkit.workers import ProcessAugmentedDataset
-
-            workers = ProcessAugmentedDataset(split, compose, size, config.batch_size, seed=config.seed + seed_offset)
-            run.closers.append(workers.close)
-            return workers.dataset()
-        return make_dataset(split, size, config.batch_size, training=training, seed=config.seed + seed_offset,
-                            augment_config=config.augment, pca=pca, crop_fraction=config.crop_fraction)
-
-    val_ds = image_data(splits.val, False).map(one_hot)
+    head_lr, finetune_lr = scale.scale_lr(config.head_lr), scale.scale_lr(config.finetune_lr)
+    if scale.distributed:
+        logger.info("global batch %d (%d per replica x %d replicas); learning rates x %d (linear scaling): "
+                    "head %g, fine-tune %g", data.global_batch, config.batch_size, scale.replicas, scale.replicas,
+                    head_lr, finetune_lr)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    # Accuracy honours sample weights: the weight-0 padding of validation shards under a strategy must
+    # not count (a plain `metrics=` entry ignores them). Keras' own val_loss still averages over the
+    # padded batch (`sum_over_batch_size`): the same bias every epoch, so early stopping is unaffected,
+    # and the reported metrics come from the evaluation at the end, which has no padding.
 
     # ---- stage 1: the head
     start = time.perf_counter()
     cache_reason = _cache_decision(config, head, inner, len(splits.train), size)
     logger.info("stage 1 (head): %s", cache_reason[1])
     if cache_reason[0]:
-        head_model, train_feats, val_feats = _feature_cache(run, inner, head, splits, image_data, num_classes)
-        head_model.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss=loss, metrics=["accuracy"])
-        run.fit_stage("head", head_model, train_feats, val_feats, config.head_epochs, weights)
+        head_model, train_feats, val_feats = _feature_cache(run, inner, head, data)
+        head_model.compile(optimizer=keras.optimizers.Adam(head_lr), loss=loss, weighted_metrics=["accuracy"])
+        run.fit_stage("head", head_model, train_feats, val_feats, config.head_epochs)
     else:
-        model.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss=loss, metrics=["accuracy"])
-        run.fit_stage("head", model, image_data(splits.train, True).map(one_hot), val_ds, config.head_epochs, weights)
+        model.compile(optimizer=keras.optimizers.Adam(head_lr), loss=loss, weighted_metrics=["accuracy"])
+        run.fit_stage("head", model, data.train_images(seed_offset=0), data.val_images(), config.head_epochs)
     run.timed("stage1_head_s", start)
 
     # ---- stage 2: the unfrozen stages
@@ -401,43 +444,180 @@ def _train(run: _Run) -> FinetuneResult:
         counts_layers = apply_plan(inner, stage_ends, plan, config.train_batchnorm)
         stage_of = _stage_of_layers(len(inner.layers), stage_ends)
         mults = stage_lr_multipliers(stage_of, plan, config.stage_lr_decay)
-        multipliers = {_var_key(v): m for layer, m in zip(inner.layers, mults) for v in layer.trainable_weights}
-        steps = math.ceil(len(splits.train) / config.batch_size)
+        multipliers = {v.path: m for layer, m in zip(inner.layers, mults) for v in layer.trainable_weights}
+        train = data.train_images(seed_offset=1)
+        steps = train[1]
         warmup = min(config.warmup_epochs, config.finetune_epochs) * steps
         schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, max(config.finetune_epochs * steps - warmup, 1), warmup_target=config.finetune_lr, warmup_steps=warmup
+            0.0, max(config.finetune_epochs * steps - warmup, 1), warmup_target=finetune_lr, warmup_steps=warmup
         )
-        model.compile(optimizer=_layerwise_adam(multipliers=multipliers, learning_rate=schedule), loss=loss, metrics=["accuracy"])
+        model.compile(optimizer=_layerwise_adam(multipliers=multipliers, learning_rate=schedule), loss=loss, weighted_metrics=["accuracy"])
         trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
         logger.info("stage 2 (fine-tune): %s of %s parameters trainable in %d stages (%d layers), lr %g x %g per stage down",
                     f"{trainable:,}", f"{total_params:,}", plan.unfrozen, counts_layers["trainable_layers"],
-                    config.finetune_lr, config.stage_lr_decay)
-        run.fit_stage("finetune", model, image_data(splits.train, True, 1).map(one_hot), val_ds,
-                      config.finetune_epochs, weights, optimizer_steps=steps)
+                    finetune_lr, config.stage_lr_decay)
+        run.fit_stage("finetune", model, train, data.val_images(), config.finetune_epochs)
         run.timed("stage2_finetune_s", start)
 
-    # ---- evaluate, write, gate
+    # ---- evaluate, write, gate (every worker evaluates the whole validation split; only the chief writes)
     start = time.perf_counter()
-    probs = model.predict(image_data(splits.val, False), verbose=0)
+    probs, _ = _forward_all(_inference(model), data.image_data(splits.val, False))
     metrics = _metrics(probs, np.asarray(splits.val.labels), splits.class_names, run.state)
     calibration = calibrate(probs, np.asarray(splits.val.labels))
-    runs.write_json(run.dir / "calibration.json", calibration)
     metrics.update(temperature=calibration["temperature"], ece_before=calibration["ece_before"],
                    ece_after=calibration["ece_after"])
     run.timed("evaluate_s", start)
     metrics["timings"] = dict(run.timings)
     metrics["freeze_plan"] = plan.describe()
-    _write_outputs(run, model, splits, stats, plan, metrics)
-    run.state["finished"] = True
-    run.save_state()
-    logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"],
-                metrics["n_val"], run.dir)
+    metrics["strategy"] = {"kind": scale.kind, "replicas": scale.replicas, "workers": scale.workers,
+                           "global_batch": data.global_batch}
+    if scale.is_chief:
+        runs.write_json(run.dir / "calibration.json", calibration)
+        _write_outputs(run, model, splits, stats, plan, metrics)
+        run.state["finished"] = True
+        run.save_state()
+        logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"],
+                    metrics["n_val"], run.dir)
     if config.min_accuracy is not None and metrics["val_accuracy"] < config.min_accuracy:
         raise AccuracyGateError(
             f"validation accuracy {metrics['val_accuracy']:.4f} is below --min-accuracy {config.min_accuracy} "
-            f"(the model is saved in {run.dir})", run.dir,
+            f"(the model is saved in {run.run_dir})", run.run_dir,
         )
-    return FinetuneResult(run.dir, metrics, plan)
+    return FinetuneResult(run.run_dir, metrics, plan)
+
+
+class _Data:
+    """The run's datasets, sharded per worker and batched per replica under a strategy.
+
+    Labels leave as one-hot vectors; class weights (when on) and the padding of
+    validation shards (see :func:`toolkit.distribute.shard`) as sample weights.
+    """
+
+    def __init__(self, run: _Run, splits: DatasetSplits, pca: dict, weights: dict[int, float] | None):
+        self.run, self.splits, self.pca = run, splits, pca
+        self.config, self.scale = run.config, run.scale
+        self.num_classes = len(splits.class_names)
+        self.class_weights = None if weights is None else np.asarray([weights[i] for i in range(self.num_classes)], np.float32)
+        self.global_batch = self.scale.global_batch(self.config.batch_size)
+        self.size = 0
+        self.compose = _load_albumentations(self.config.albumentations) if self.config.albumentations else None
+
+    def steps(self, n: int) -> int:
+        return math.ceil(n / self.global_batch)
+
+    def image_data(self, split: Split, training: bool, seed_offset: int = 0):
+        """Batched (images, integer labels) of ``split``."""
+        from toolkit.pipeline import make_dataset
+
+        config = self.config
+        if training and self.compose is not None:
+            from toolkit.workers import ProcessAugmentedDataset
+
+            workers = ProcessAugmentedDataset(split, self.compose, self.size, config.batch_size, seed=config.seed + seed_offset)
+            self.run.closers.append(workers.close)
+            return workers.dataset()
+        ds = make_dataset(split, self.size, config.batch_size, training=training, seed=config.seed + seed_offset,
+                          augment_config=config.augment, pca=self.pca, crop_fraction=config.crop_fraction)
+        if training and config.data_service:
+            from toolkit.distribute import offload
+
+            ds = offload(ds, config.data_service)
+        return ds
+
+    def labelled(self, ds, training: bool, pad_weights=None):
+        """(x, integer labels) batches → (x, one-hot[, sample weights])."""
+        import tensorflow as tf
+
+        class_w = self.class_weights if training else None
+
+        def to_keras(x, y, w=None):
+            if class_w is not None:
+                cw = tf.gather(tf.constant(class_w), y)
+                w = cw if w is None else w * cw
+            y = tf.one_hot(y, self.num_classes)
+            return (x, y) if w is None else (x, y, w)
+
+        if pad_weights is None:
+            return ds.map(to_keras, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(pad_weights).batch(self.config.batch_size)))
+        return ds.map(lambda xy, w: to_keras(xy[0], xy[1], w), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def train_images(self, seed_offset: int) -> tuple[Any, int]:
+        """Augmented training images for ``fit``, and the steps per epoch."""
+        from toolkit.distribute import shard
+
+        def build(index: int, count: int):
+            part = self.splits.train if count == 1 else self.splits.train.take(shard(len(self.splits.train), index, count))
+            ds = self.labelled(self.image_data(part, True, seed_offset), training=True)
+            return ds.repeat() if self.scale.distributed else ds
+
+        return self.scale.distribute(build), self.steps(len(self.splits.train))
+
+    def val_images(self) -> tuple[Any, int | None]:
+        """Validation images for ``fit``, and the validation steps (None: until the data ends)."""
+        from toolkit.distribute import padded, shard
+
+        def build(index: int, count: int):
+            if not self.scale.distributed:
+                return self.labelled(self.image_data(self.splits.val, False), training=False)
+            indices, pad = padded(shard(len(self.splits.val), index, count), self.val_length(len(self.splits.val)))
+            # Repeated: with validation_steps, Keras keeps one iterator over the epochs.
+            return self.labelled(self.image_data(self.splits.val.take(indices), False), training=False,
+                                 pad_weights=pad).repeat()
+
+        return self.scale.distribute(build), self.val_steps(len(self.splits.val))
+
+    def val_length(self, n: int) -> int:
+        from toolkit.distribute import evaluation_length
+
+        return evaluation_length(n, self.scale.workers, self.config.batch_size * self.scale.local_replicas)
+
+    def val_steps(self, n: int) -> int | None:
+        if not self.scale.distributed:
+            return None
+        return self.val_length(n) // (self.config.batch_size * self.scale.local_replicas)
+
+    def arrays(self, x: np.ndarray, y: np.ndarray, training: bool, n_total: int) -> tuple[Any, int | None]:
+        """Cached features of this worker's shard (of ``n_total`` over all workers) for ``fit``, and the steps."""
+        import tensorflow as tf
+
+        from toolkit.distribute import padded
+
+        config = self.config
+
+        def build(index: int, count: int):  # the cache already holds only this worker's shard
+            if training:
+                ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+                ds = self.labelled(ds.batch(config.batch_size), training=True)
+                return (ds.repeat() if self.scale.distributed else ds).prefetch(tf.data.AUTOTUNE)
+            if not self.scale.distributed:
+                return self.labelled(tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size), training=False)
+            indices, pad = padded(np.arange(len(x)), self.val_length(n_total))
+            ds = tf.data.Dataset.from_tensor_slices((x[indices], y[indices])).batch(config.batch_size)
+            return self.labelled(ds, training=False, pad_weights=pad).repeat()
+
+        return self.scale.distribute(build), self.steps(n_total) if training else self.val_steps(n_total)
+
+
+def _inference(model):
+    import tensorflow as tf
+
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def _forward_all(forward, dataset, dtype=np.float32, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of ``forward`` (see :func:`_inference`) and the labels, over batched (images, labels).
+
+    A plain loop, not ``model.predict``: under a multi-worker strategy ``predict`` would be a
+    collective over all workers, while each worker here computes what it needs itself.
+    """
+    xs, ys = [], []
+    for images, labels in dataset:
+        xs.append(np.asarray(forward(images), dtype=dtype))
+        ys.append(labels.numpy())
+        if bar:
+            bar.add(1)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _load_albumentations(path: str):
@@ -461,56 +641,50 @@ def _cache_decision(config: FinetuneConfig, head, backbone, n_train: int, size: 
     return True, f"cached {kind} of {views} views per image ({total / 2**20:.0f} MiB)"
 
 
-def _feature_cache(run: _Run, backbone, head, splits: DatasetSplits, image_data, num_classes: int):
-    """Backbone outputs for every image and view, computed once and kept in the run folder."""
-    import keras
-    import tensorflow as tf
+def _feature_cache(run: _Run, backbone, head, data: _Data):
+    """Backbone outputs for every image and view, computed once and kept in the run folder.
 
-    config = run.config
+    Under a multi-worker strategy each worker computes and trains on the features of its
+    own shard of the images (stored as ``features-<i>of<n>.npz``).
+    """
+    import keras
+
+    from toolkit.distribute import shard
+
+    config, scale, splits = run.config, run.scale, data.splits
     if head.is_linear:
         pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="cache_pool")(backbone.output)
         extractor = keras.Model(backbone.input, pooled)
     else:
         extractor = backbone
-    cache_path = run.dir / "cache" / "features.npz"
+    name = "features.npz" if scale.workers == 1 else f"features-{scale.worker_index}of{scale.workers}.npz"
+    cache_path = run.dir / "cache" / name
+    views_per_image = cache_views(len(splits.train), config.cache_views, config.cache_view_budget)
     if cache_path.is_file():
-        data = np.load(cache_path)
-        train_x, train_y, val_x, val_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
+        cached = np.load(cache_path)
+        train_x, train_y, val_x, val_y = cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
         logger.info("stage 1: feature cache loaded from %s", cache_path)
     else:
-        views_per_image = cache_views(len(splits.train), config.cache_views, config.cache_view_budget)
-        n_batches = math.ceil(len(splits.train) / config.batch_size) * views_per_image + math.ceil(
-            len(splits.val) / config.batch_size)
-        bar = keras.utils.Progbar(n_batches, unit_name="batch") if run.verbose else None
+        train, val = splits.train, splits.val
+        if scale.workers > 1:
+            train = train.take(shard(len(train), scale.worker_index, scale.workers))
+            val = val.take(shard(len(val), scale.worker_index, scale.workers))
+        n_batches = math.ceil(len(train) / config.batch_size) * views_per_image + math.ceil(len(val) / config.batch_size)
+        bar = keras.utils.Progbar(n_batches, unit_name="batch") if run.verbose and scale.is_chief else None
         dtype = np.float32 if head.is_linear else np.float16
-        forward = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
-
-        def extract(dataset):
-            xs, ys = [], []
-            for images, labels in dataset:
-                xs.append(np.asarray(forward(images), dtype=dtype))
-                ys.append(labels.numpy())
-                if bar:
-                    bar.add(1)
-            return np.concatenate(xs), np.concatenate(ys)
-
-        views = [extract(image_data(splits.train, False))]  # view 0: the plain centre crop
-        views += [extract(image_data(splits.train, True, 100 + v)) for v in range(1, views_per_image)]
+        forward = _inference(extractor)
+        views = [_forward_all(forward, data.image_data(train, False), dtype, bar)]  # view 0: the plain centre crop
+        views += [_forward_all(forward, data.image_data(train, True, 100 + v), dtype, bar) for v in range(1, views_per_image)]
         train_x = np.concatenate([v[0] for v in views])
         train_y = np.concatenate([v[1] for v in views])
-        val_x, val_y = extract(image_data(splits.val, False))
+        val_x, val_y = _forward_all(forward, data.image_data(val, False), dtype, bar)
         with runs.atomic_path(cache_path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
 
-    def dataset(x, y, shuffle):
-        ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, num_classes)))
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
-        return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
-
     head_model = head.on_features(train_x.shape[1:])
-    return head_model, dataset(train_x, train_y, True), dataset(val_x, val_y, False)
+    train = data.arrays(train_x, train_y, True, len(splits.train) * views_per_image)
+    return head_model, train, data.arrays(val_x, val_y, False, len(splits.val))
 
 
 def _metrics(probs: np.ndarray, labels: np.ndarray, class_names, state: dict) -> dict[str, Any]:

@@ -24,6 +24,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = "quick"
 CLASS_WEIGHT_MODES = ("auto", "on", "off")
 CACHE_MODES = ("auto", "off")
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # see toolkit.distribute
 
 
 class RecipeError(ValueError):
@@ -64,6 +65,10 @@ class FinetuneConfig:
     # An albumentations Compose saved with albumentations.save(compose, path) (JSON or YAML). When set,
     # training views come from it, run in worker processes, instead of the [augment] ops.
     albumentations: str = ""
+    # Scale-out (toolkit.distribute): batch_size is per replica; the learning rates are scaled by the replicas.
+    strategy: str = "auto"
+    # grpc://host:port of a tf.data service dispatcher: training images are decoded and augmented on its workers.
+    data_service: str = ""
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -91,6 +96,15 @@ class FinetuneConfig:
             raise RecipeError(f"stage_lr_decay must be in (0, 1]. Received: stage_lr_decay={self.stage_lr_decay!r}")
         _choice(self, "class_weights", CLASS_WEIGHT_MODES)
         _choice(self, "cache_features", CACHE_MODES)
+        _choice(self, "strategy", STRATEGIES)
+        if self.data_service:
+            if not self.data_service.startswith("grpc://") or ":" not in self.data_service[len("grpc://"):]:
+                raise RecipeError(f"data_service must be the dispatcher's grpc://host:port. "
+                                  f"Received: data_service={self.data_service!r}")
+            if self.albumentations:
+                raise RecipeError("data_service runs TensorFlow ops only; albumentations (Python) cannot run on its "
+                                  f"workers. Received: data_service={self.data_service!r}, "
+                                  f"albumentations={self.albumentations!r}; drop one of them")
         if self.albumentations and not Path(self.albumentations).is_file():
             raise RecipeError(f"albumentations file not found. Received: albumentations={self.albumentations!r}; "
                               "save a Compose with albumentations.save(compose, path)")
