@@ -45,9 +45,11 @@ def test_inspect_prints_statistics_and_problems(sample_data, capsys):
     assert "freeze plan for --freeze auto with mobilenet_v2: auto:" in out and "head only; 0 of 7 stages" in out
 
 
-def test_bad_arguments_exit_2_with_message(tmp_path, capsys):
+def test_bad_arguments_exit_2_with_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["finetune", "--data", str(tmp_path / "missing")]) == 2
     assert "Data folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no run folder left behind
     assert main(["finetune", "--data", str(tmp_path), "--backbone", "resnet5"]) == 2
     assert "Did you mean 'resnet50'" in capsys.readouterr().err
 

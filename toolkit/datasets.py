@@ -160,14 +160,20 @@ def _read_manifest(csv_path: Path, problems: list[Problem]) -> dict[str, dict[st
     return out
 
 
-def _discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], str]:
-    if root.is_file() and root.suffix.lower() == ".csv":
-        return _read_manifest(root, problems), f"CSV manifest {root}"
-    if not root.is_dir():
+def check_source(root: str | Path) -> None:
+    """Raise the data error early (before a run folder is made) when ``root`` is neither a folder nor a CSV."""
+    root = Path(root)
+    if not (root.is_dir() or (root.is_file() and root.suffix.lower() == ".csv")):
         raise DatasetError(
             f"Data folder not found. Received: data={str(root)!r}. Pass a folder with one sub-folder per class, "
             "a folder with train/ and val/ splits, or a CSV manifest with path,label columns."
         )
+
+
+def _discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], str]:
+    check_source(root)
+    if root.is_file():
+        return _read_manifest(root, problems), f"CSV manifest {root}"
     train_dir = _find_child(root, SPLIT_NAMES["train"])
     if train_dir is None:
         return {"train": _scan_class_tree(root, problems)}, f"folder-per-class tree {root}"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import backbones, runs
-from toolkit.datasets import DatasetSplits, Split, dataset_statistics, load_splits
+from toolkit.datasets import DatasetSplits, Split, check_source, dataset_statistics, load_splits
 from toolkit.freeze import FreezePlan, apply_plan, plan_freeze
 from toolkit.recipes import FinetuneConfig, config_from_dict, config_to_dict
 
@@ -240,6 +240,7 @@ def finetune(
         if not config.data:
             raise ValueError("finetune needs data. Received: data=''")
         config.validate()
+        check_source(config.data)  # before a run folder exists: a bad --data leaves nothing behind
         if config.strategy == "multi-worker" and out is None:
             raise ValueError("--strategy multi-worker needs --out: every worker must name the same run folder, on a "
                              "filesystem they all see. Received: out=None")
@@ -300,6 +301,10 @@ def finetune_ensemble(
         if config is None:
             raise ValueError("finetune_ensemble needs a config or resume=FOLDER")
         config.validate()
+        if config.strategy == "multi-worker":
+            raise ValueError("--ensemble trains its members one after another in one process; a multi-worker "
+                             "cluster cannot be set up more than once per process. Received: strategy='multi-worker'; "
+                             "train each member with its own `toolkit finetune --strategy multi-worker --out` instead")
         variants = _ensemble_variants(config, members)
         folder = runs.prepare_run_dir(out or runs.default_run_dir("ensemble"), overwrite)
         names = []

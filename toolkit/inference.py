@@ -199,20 +199,16 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
             if progress:
                 progress(1)
     else:
-        # Decode a chunk, then run the network on it with nothing else competing for the cores:
-        # on a CPU, decoding threads beside the network's own threads slow both down.
+        # One pipeline for all images: while a batch goes through the network, the next ones are
+        # decoded (each image once, all its views cut from that decode), so decoding hides behind it.
         per_image = view_count(mode)
         images_per_pass = max(1, batch_size // per_image)
-        chunk = images_per_pass * 16
-        for start in range(0, len(decode_paths), chunk):
-            views = np.concatenate([v.numpy() for v in decoded(decode_paths[start:start + chunk],
-                                                               is_jpeg[start:start + chunk]).batch(64)])
-            for i in range(0, len(views), images_per_pass):
-                batch = views[i:i + images_per_pass]
-                probs = np.asarray(forward(batch.reshape(-1, size, size, 3)))
-                out.append(probs.reshape(len(batch), per_image, -1).mean(axis=1))
-                if progress:
-                    progress(len(batch))
+        for views in decoded(decode_paths, is_jpeg).batch(images_per_pass).prefetch(2):
+            count = int(views.shape[0])
+            probs = np.asarray(forward(tf.reshape(views, (-1, size, size, 3))))
+            out.append(probs.reshape(count, per_image, -1).mean(axis=1))
+            if progress:
+                progress(count)
     probs = np.concatenate(out) if mode != "full" else np.stack(out)
     return apply_temperature(probs, member.temperature)
 
