@@ -39,6 +39,31 @@ def test_stage_learning_rates_decay_downwards():
     assert mults == [0.0, 0.0, 0.0, 0.25, 0.25, 0.5, 1.0]
 
 
+@pytest.mark.parametrize("distributed", [False, True])
+def test_layerwise_learning_rates_apply_with_and_without_a_strategy(distributed):
+    """A multiplier of 0 holds a layer still; under tf.distribute the optimizer sees per-replica variables."""
+    import keras
+    import tensorflow as tf
+
+    from toolkit.finetune import _layerwise_adam
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed else tf.distribute.get_strategy()
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        low = keras.layers.Dense(4, name="low")
+        high = keras.layers.Dense(2, name="high")
+        model = keras.Model(inputs, high(low(inputs)))
+        multipliers = {v.path: 0.0 for v in low.trainable_weights}
+        model.compile(optimizer=_layerwise_adam(multipliers=multipliers, learning_rate=0.1), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.fit(x, np.ones((16, 2), "float32"), epochs=1, batch_size=8, verbose=0)
+    after = model.get_weights()
+    for a, b in zip(before[:2], after[:2]):  # low: kernel, bias
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(before[2], after[2])  # high trained
+
+
 @pytest.mark.slow
 def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_data, tmp_path):
     cached = finetune(_config(sample_data, freeze="all"), out=tmp_path / "cached", verbose=0)
