@@ -97,6 +97,8 @@ def test_two_stages_train_only_the_unfrozen_stages(sample_data, tmp_path):
     assert any(line.startswith("finetune,") for line in history) and any(line.startswith("head,") for line in history)
     assert result.plan.unfrozen == 1
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    final = [w.copy() for w in model.get_weights()]
+    model.load_weights(tmp_path / "run" / "finetune.last.weights.h5")  # the model after stage 2
     pretrained = backbones.create("mobilenet_v2", input_shape=(96, 96, 3))
     inner = model.get_layer("backbone")
     # frozen stage: unchanged; unfrozen stage: changed; its BatchNorm: unchanged
@@ -105,9 +107,32 @@ def test_two_stages_train_only_the_unfrozen_stages(sample_data, tmp_path):
     assert not np.array_equal(inner.get_layer("head_conv").get_weights()[0], pretrained.get_layer("head_conv").get_weights()[0])
     for a, b in zip(inner.get_layer("head_bn").get_weights(), pretrained.get_layer("head_bn").get_weights()):
         np.testing.assert_array_equal(a, b)
+    # the saved classifier is the better stage's, by validation loss
+    kept = "finetune.best" if result.metrics["kept_stage"] == "finetune" else "stage1"
+    model.load_weights(tmp_path / "run" / f"{kept}.weights.h5")
+    for a, b in zip(final, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "1 of 7 stages unfrozen" in report and "## Problems found" in report
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_stage_2_that_does_not_help_is_not_kept(sample_data, tmp_path):
+    import keras
+
+    from toolkit import backbones
+
+    # A learning rate far too high: fine-tuning wrecks the top stage, its validation loss never beats stage 1's.
+    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=2, finetune_lr=50.0), out=tmp_path / "run",
+                      verbose=0)
+    assert result.metrics["kept_stage"] == "head"
+    model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    pretrained = backbones.create("mobilenet_v2", input_shape=(96, 96, 3))
+    np.testing.assert_array_equal(model.get_layer("backbone").get_layer("head_conv").get_weights()[0],
+                                  pretrained.get_layer("head_conv").get_weights()[0])
+    assert result.metrics["val_accuracy"] == pytest.approx(result.metrics["head_val_accuracy"], abs=1e-6)
+    assert "kept: the stage-1 classifier" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.slow

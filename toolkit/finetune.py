@@ -25,6 +25,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -444,8 +445,13 @@ def _train_in_scope(run: _Run, keras) -> FinetuneResult:
     run.timed("stage1_head_s", start)
 
     # ---- stage 2: the unfrozen stages
+    kept = "head"
     if not plan.head_only and config.finetune_epochs > 0:
         start = time.perf_counter()
+        stage1_weights = run.dir / "stage1.weights.h5"  # the whole classifier after stage 1
+        if not stage1_weights.is_file():
+            with runs.atomic_path(stage1_weights) as tmp:
+                model.save_weights(tmp)
         counts_layers = apply_plan(inner, stage_ends, plan, config.train_batchnorm)
         stage_of = _stage_of_layers(len(inner.layers), stage_ends)
         mults = stage_lr_multipliers(stage_of, plan, config.stage_lr_decay)
@@ -462,6 +468,7 @@ def _train_in_scope(run: _Run, keras) -> FinetuneResult:
                     f"{trainable:,}", f"{total_params:,}", plan.unfrozen, counts_layers["trainable_layers"],
                     finetune_lr, config.stage_lr_decay)
         run.fit_stage("finetune", model, train, data.val_images(), config.finetune_epochs)
+        kept = _keep_better_stage(run, model, stage1_weights)
         run.timed("stage2_finetune_s", start)
 
     # ---- evaluate, write, gate (every worker evaluates the whole validation split; only the chief writes)
@@ -474,6 +481,7 @@ def _train_in_scope(run: _Run, keras) -> FinetuneResult:
     run.timed("evaluate_s", start)
     metrics["timings"] = dict(run.timings)
     metrics["freeze_plan"] = plan.describe()
+    metrics["kept_stage"] = kept
     metrics["strategy"] = {"kind": scale.kind, "replicas": scale.replicas, "workers": scale.workers,
                            "global_batch": data.global_batch}
     if scale.is_chief:
@@ -489,6 +497,23 @@ def _train_in_scope(run: _Run, keras) -> FinetuneResult:
             f"(the model is saved in {run.run_dir})", run.run_dir,
         )
     return FinetuneResult(run.run_dir, metrics, plan)
+
+
+def _keep_better_stage(run: _Run, model, stage1_weights: Path) -> str:
+    """Early stopping across both stages: stage 2's best epoch is kept only if it beat stage 1's.
+
+    Each stage restores its own best epoch; when fine-tuning never lowered the validation loss
+    below what the head alone reached, the stage-1 classifier is the best epoch of the run.
+    """
+    head_loss, tuned_loss = run.state["head"]["best_loss"], run.state["finetune"]["best_loss"]
+    if tuned_loss < head_loss:
+        return "finetune"
+    logger.info("stage 2 did not lower the validation loss (best %.4f vs %.4f after stage 1): keeping the stage-1 "
+                "classifier", tuned_loss, head_loss)
+    with warnings.catch_warnings():  # saved before stage 2 compiled its optimizer: no optimizer state to load
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(stage1_weights)
+    return "head"
 
 
 class _Data:
@@ -760,6 +785,9 @@ def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: F
             s = run.state[stage]
             training.append(f"- {stage}: {s['epochs_done']} epochs, best epoch {s['best_epoch']} "
                             f"(val loss {s['best_loss']:.4f}, val accuracy {metrics.get(stage + '_val_accuracy') or 0:.4f})")
+    if "finetune" in run.state:
+        training.append("- kept: the fine-tuned classifier (stage 2 lowered the validation loss)" if metrics["kept_stage"] == "finetune"
+                        else "- kept: the stage-1 classifier (stage 2 did not lower the validation loss)")
     training.append(f"- final validation accuracy: {metrics['val_accuracy']:.4f} on {metrics['n_val']} images")
     training.append(f"- calibration: temperature {metrics['temperature']:.3f} fitted on the validation split; "
                     f"ECE {metrics['ece_before']:.4f} before, {metrics['ece_after']:.4f} after")
