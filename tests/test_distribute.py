@@ -63,7 +63,7 @@ def test_tf_config_errors_say_what_to_set(monkeypatch):
     assert read_tf_config() == good
 
 
-def test_strategy_and_data_service_settings_are_checked():
+def test_strategy_and_data_service_settings_are_checked(tmp_path):
     with pytest.raises(RecipeError, match=r"strategy='mirror'; allowed: auto, default, mirrored, multi-worker"):
         build_config(None, {"data": "d", "strategy": "mirror"})
     with pytest.raises(RecipeError, match=r"grpc://host:port. Received: data_service='localhost'"):
@@ -71,7 +71,7 @@ def test_strategy_and_data_service_settings_are_checked():
     from toolkit.finetune import finetune
 
     with pytest.raises(ValueError, match="multi-worker needs --out"):
-        finetune(build_config(None, {"data": "d", "strategy": "multi-worker"}))
+        finetune(build_config(None, {"data": str(tmp_path), "strategy": "multi-worker"}))
 
 
 # ----------------------------------------------------------------------------- processes

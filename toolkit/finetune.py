@@ -189,7 +189,7 @@ class _Run:
         (train_ds, steps), (val_ds, val_steps) = train, val
         s = self.stage_state(stage)
         if s["done"]:
-            model.load_weights(self.dir / f"{stage}.best.weights.h5")
+            _load_model_weights(model, self.dir / f"{stage}.best.weights.h5")
             return
         if s["epochs_done"]:
             logger.info("%s: resuming after epoch %d", stage, s["epochs_done"])
@@ -510,10 +510,15 @@ def _keep_better_stage(run: _Run, model, stage1_weights: Path) -> str:
         return "finetune"
     logger.info("stage 2 did not lower the validation loss (best %.4f vs %.4f after stage 1): keeping the stage-1 "
                 "classifier", tuned_loss, head_loss)
-    with warnings.catch_warnings():  # saved before stage 2 compiled its optimizer: no optimizer state to load
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(stage1_weights)
+    _load_model_weights(model, stage1_weights)
     return "head"
+
+
+def _load_model_weights(model, path: Path) -> None:
+    """Load a checkpoint's model weights where the optimizer state does not matter (a finished stage)."""
+    with warnings.catch_warnings():  # optimizer built or not, saved with or without one: Keras warns, harmlessly
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
 
 
 class _Data:
