@@ -364,13 +364,13 @@ def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneCon
 
 
 def _train(run: _Run) -> FinetuneResult:
+    with run.scale.strategy.scope():  # variables (model, optimizer) mirrored over the replicas
+        return _train_in_scope(run)
+
+
+def _train_in_scope(run: _Run) -> FinetuneResult:
     import keras
 
-    with run.scale.strategy.scope():  # variables (model, optimizer) mirrored over the replicas
-        return _train_in_scope(run, keras)
-
-
-def _train_in_scope(run: _Run, keras) -> FinetuneResult:
     from toolkit.augment import pca_statistics
     from toolkit.calibration import calibrate
     from toolkit.head import BACKBONE, NINHead, build_classifier
