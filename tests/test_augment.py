@@ -165,3 +165,11 @@ def test_every_op_can_be_switched_off(small_split):
     only_flip = dataclasses.replace(off, flip=True)
     flipped, _ = _epoch(small_split, 3, only_flip)
     assert any(not any(np.allclose(t, e, atol=1.0) for e in evaluated) for t in flipped)
+
+
+def test_pipelines_run_without_the_tf_data_autotuner(small_split):
+    """With the autotuner on, deleting an iterator could block for seconds (toolkit.pipeline.finish)."""
+    for training in (True, False):
+        ds = make_dataset(small_split, 64, 8, training=training)
+        assert ds.options().autotune.enabled is False
+        assert sum(len(y) for _, y in ds) == len(small_split)  # and every image still arrives

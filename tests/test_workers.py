@@ -39,6 +39,7 @@ def test_worker_batches_are_deterministic_and_cover_every_image(split):
         assert sorted(y1.tolist()) == sorted(split.labels)  # every image once per epoch
         x3, _ = _epoch(first.dataset())  # next epoch: new order and new views
         assert not np.array_equal(x1, x3)
+        assert first.dataset().options().autotune.enabled is False  # see toolkit.pipeline.finish
     finally:
         first.close()
         second.close()

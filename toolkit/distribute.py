@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from toolkit.pipeline import finish
 from toolkit.recipes import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -204,8 +205,7 @@ def offload(dataset: tf.data.Dataset, address: str) -> tf.data.Dataset:
     The service workers read the same file paths, so they need the data on a
     shared filesystem. Each epoch is one job; the elements come back in no fixed order.
     """
-    return dataset.apply(tf.data.experimental.service.distribute(DATA_SERVICE_MODE, service=address)).prefetch(
-        tf.data.AUTOTUNE)
+    return finish(dataset.apply(tf.data.experimental.service.distribute(DATA_SERVICE_MODE, service=address)))
 
 
 def start_dispatcher(port: int, work_dir: str = "") -> tf.data.experimental.service.DispatchServer:

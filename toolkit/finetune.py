@@ -560,8 +560,10 @@ class _Data:
         return ds
 
     def labelled(self, ds, training: bool, pad_weights=None):
-        """(x, integer labels) batches → (x, one-hot[, sample weights])."""
+        """(x, integer labels) batches → (x, one-hot[, sample weights]), prefetched, without tf.data autotuning."""
         import tensorflow as tf
+
+        from toolkit.pipeline import finish
 
         class_w = self.class_weights if training else None
 
@@ -573,9 +575,9 @@ class _Data:
             return (x, y) if w is None else (x, y, w)
 
         if pad_weights is None:
-            return ds.map(to_keras, num_parallel_calls=tf.data.AUTOTUNE)
+            return finish(ds.map(to_keras))
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(pad_weights).batch(self.config.batch_size)))
-        return ds.map(lambda xy, w: to_keras(xy[0], xy[1], w), num_parallel_calls=tf.data.AUTOTUNE)
+        return finish(ds.map(lambda xy, w: to_keras(xy[0], xy[1], w)))
 
     def train_images(self, seed_offset: int) -> tuple[Any, int]:
         """Augmented training images for ``fit``, and the steps per epoch."""
@@ -624,7 +626,7 @@ class _Data:
             if training:
                 ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
                 ds = self.labelled(ds.batch(config.batch_size), training=True)
-                return (ds.repeat() if self.scale.distributed else ds).prefetch(tf.data.AUTOTUNE)
+                return ds.repeat() if self.scale.distributed else ds
             if not self.scale.distributed:
                 return self.labelled(tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size), training=False)
             indices, pad = padded(np.arange(len(x)), self.val_length(n_total))

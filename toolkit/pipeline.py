@@ -1,6 +1,6 @@
 """tf.data input pipelines that aim at the speed of JPEG decoding alone
-(measured by benchmarks/pipeline.py: 1.08x decode-and-resize on clothing-small,
-0.78x on hymenoptera; see the README).
+(measured by benchmarks/pipeline.py: 1.03x decode-and-resize on clothing-small,
+0.85x on hymenoptera; see the README).
 
 Every crop -- the evaluation centre crop, the random-resized crop, the classic
 resize-256-then-random-224 crop -- is computed as a window on the *original*
@@ -16,6 +16,7 @@ inside the model.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -25,10 +26,31 @@ from toolkit import augment
 from toolkit.augment import AugmentConfig
 from toolkit.datasets import Split
 
-AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_CROP_FRACTION = 0.875
+PREFETCH_BATCHES = 2
 
 Window = Callable[[tf.Tensor], tf.Tensor]  # image shape (h, w, ...) → (top, left, height, width)
+
+
+def parallel_calls() -> int:
+    """Parallel calls for a ``map``: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Prefetch ``PREFETCH_BATCHES`` batches and switch tf.data's autotuner off.
+
+    Why: with the autotuner on, deleting an iterator sometimes blocks until the
+    autotuner's thread wakes up -- measured here at 1 s after a 1.5 s pass and 4 s
+    after a 10 s one, about every other time -- and ``predict``, ``evaluate`` and
+    every Keras epoch delete one (10-crop prediction ran at 12.5x the centre crop's
+    time instead of 8.9x). The pipelines therefore use fixed settings: one map call
+    per core (:func:`parallel_calls`) and a two-batch prefetch, which keep the
+    cores as busy as the autotuner did (benchmarks/pipeline.py, benchmarks/predict.py).
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(PREFETCH_BATCHES).with_options(options)
 
 
 def decode_window(data: tf.Tensor, is_jpeg: tf.Tensor, window: Window, fast_idct: bool = False) -> tf.Tensor:
@@ -111,11 +133,11 @@ def make_dataset(
             image = train_crop(tf.io.read_file(path), is_jpeg, crop_seed, image_size, config, crop_fraction)
             return augment.colour_augment(image, colour_seed, config, pca), label
 
-        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+        ds = ds.map(load, num_parallel_calls=parallel_calls(), deterministic=True)
+        return finish(ds.batch(batch_size, drop_remainder=drop_remainder))
 
     def load_eval(path, is_jpeg, label):
         return eval_image(tf.io.read_file(path), is_jpeg, image_size, crop_fraction), label
 
-    ds = ds.map(load_eval, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+    ds = ds.map(load_eval, num_parallel_calls=parallel_calls(), deterministic=True)
+    return finish(ds.batch(batch_size, drop_remainder=drop_remainder))

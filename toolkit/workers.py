@@ -122,12 +122,14 @@ class ProcessAugmentedDataset:
             start += len(batch)
 
     def dataset(self):
-        """A ``tf.data.Dataset`` of (uint8 images, int32 labels); each iteration is a new epoch."""
+        """A ``tf.data.Dataset`` of (float32 images, int32 labels); each iteration is a new epoch."""
         import tensorflow as tf
+
+        from toolkit.pipeline import finish
 
         spec = (
             tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.uint8),
             tf.TensorSpec((None,), tf.int32),
         )
         ds = tf.data.Dataset.from_generator(self._generate, output_signature=spec)
-        return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+        return finish(ds.map(lambda x, y: (tf.cast(x, tf.float32), y)))
