@@ -64,6 +64,24 @@ def test_layerwise_learning_rates_apply_with_and_without_a_strategy(distributed)
     assert not np.allclose(before[2], after[2])  # high trained
 
 
+def test_mixed_precision_computes_in_float16_and_leaves_the_global_policy_alone(sample_data, tmp_path):
+    """--mixed-precision is meant for GPUs; here (CPU) it checks the wiring: float16 layers, float32
+    probabilities, both stages train, and Keras' process-wide dtype policy is restored afterwards."""
+    import keras
+
+    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=1, mixed_precision=True),
+                      out=tmp_path / "run", verbose=0)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    conv = model.get_layer("backbone").get_layer("head_conv")
+    assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
+    images = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    probs = model.predict(images, verbose=0)
+    assert probs.dtype == np.float32 and np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert result.metrics["val_accuracy"] > 0.5  # 4 classes: well above chance after the head stage
+
+
 @pytest.mark.slow
 def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_data, tmp_path):
     cached = finetune(_config(sample_data, freeze="all"), out=tmp_path / "cached", verbose=0)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -364,8 +365,30 @@ def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneCon
 
 
 def _train(run: _Run) -> FinetuneResult:
-    with run.scale.strategy.scope():  # variables (model, optimizer) mirrored over the replicas
+    # Variables (model, optimizer) mirrored over the replicas.
+    with run.scale.strategy.scope(), _precision(run.config.mixed_precision):
         return _train_in_scope(run)
+
+
+@contextlib.contextmanager
+def _precision(mixed: bool):
+    """float16 compute (``mixed_float16``) for the models built inside, when asked for.
+
+    Why a context: Keras' dtype policy is process-wide; without restoring it, every model
+    built later in the same process (the next ensemble member trained without the flag, a
+    test, a notebook) would silently compute in float16 too.
+    """
+    import keras
+
+    if not mixed:
+        yield
+        return
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _train_in_scope(run: _Run) -> FinetuneResult:
@@ -377,8 +400,6 @@ def _train_in_scope(run: _Run) -> FinetuneResult:
 
     config, scale = run.config, run.scale
     keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
 
     # ---- data
     start = time.perf_counter()
