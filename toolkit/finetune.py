@@ -416,12 +416,11 @@ def _train_in_scope(run: _Run) -> FinetuneResult:
     counts = list(splits.train.counts().values())
     weights = class_weights(counts, config.class_weights)
     run.timed("data_s", start)
-    data = _Data(run, splits, pca, weights)
 
     # ---- model and plan
     spec = backbones.get_spec(config.backbone)
     size = config.image_size or spec.input_size
-    data.size = size
+    data = _Data(run, splits, pca, weights, size)
     plan = plan_freeze(config.freeze, len(splits.train), num_classes, [s.name for s in spec.stages])
     logger.info("freeze plan: %s", plan.describe())
     weights_arg = None if config.weights == "none" else config.weights
@@ -549,13 +548,13 @@ class _Data:
     validation shards (see :func:`toolkit.distribute.shard`) as sample weights.
     """
 
-    def __init__(self, run: _Run, splits: DatasetSplits, pca: dict, weights: dict[int, float] | None):
-        self.run, self.splits, self.pca = run, splits, pca
+    def __init__(self, run: _Run, splits: DatasetSplits, pca: dict, weights: dict[int, float] | None, size: int):
+        self.run, self.splits, self.pca, self.size = run, splits, pca, size
         self.config, self.scale = run.config, run.scale
         self.num_classes = len(splits.class_names)
         self.class_weights = None if weights is None else np.asarray([weights[i] for i in range(self.num_classes)], np.float32)
         self.global_batch = self.scale.global_batch(self.config.batch_size)
-        self.size = 0
+        self.local_batch = self.config.batch_size * self.scale.local_replicas  # one worker's batch per step
         self.compose = _load_albumentations(self.config.albumentations) if self.config.albumentations else None
 
     def steps(self, n: int) -> int:
@@ -581,10 +580,8 @@ class _Data:
         return ds
 
     def labelled(self, ds, training: bool, pad_weights=None):
-        """(x, integer labels) batches → (x, one-hot[, sample weights]), prefetched, without tf.data autotuning."""
+        """(x, integer labels) batches → (x, one-hot[, sample weights])."""
         import tensorflow as tf
-
-        from toolkit.pipeline import finish
 
         class_w = self.class_weights if training else None
 
@@ -596,9 +593,9 @@ class _Data:
             return (x, y) if w is None else (x, y, w)
 
         if pad_weights is None:
-            return finish(ds.map(to_keras))
+            return ds.map(to_keras)
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(pad_weights).batch(self.config.batch_size)))
-        return finish(ds.map(lambda xy, w: to_keras(xy[0], xy[1], w)))
+        return ds.map(lambda xy, w: to_keras(xy[0], xy[1], w))
 
     def train_images(self, seed_offset: int) -> tuple[Any, int]:
         """Augmented training images for ``fit``, and the steps per epoch."""
@@ -628,31 +625,32 @@ class _Data:
     def val_length(self, n: int) -> int:
         from toolkit.distribute import evaluation_length
 
-        return evaluation_length(n, self.scale.workers, self.config.batch_size * self.scale.local_replicas)
+        return evaluation_length(n, self.scale.workers, self.local_batch)
 
     def val_steps(self, n: int) -> int | None:
         if not self.scale.distributed:
             return None
-        return self.val_length(n) // (self.config.batch_size * self.scale.local_replicas)
+        return self.val_length(n) // self.local_batch
 
     def arrays(self, x: np.ndarray, y: np.ndarray, training: bool, n_total: int) -> tuple[Any, int | None]:
         """Cached features of this worker's shard (of ``n_total`` over all workers) for ``fit``, and the steps."""
         import tensorflow as tf
 
         from toolkit.distribute import padded
+        from toolkit.pipeline import finish
 
         config = self.config
 
         def build(index: int, count: int):  # the cache already holds only this worker's shard
             if training:
                 ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
-                ds = self.labelled(ds.batch(config.batch_size), training=True)
+                ds = finish(self.labelled(ds.batch(config.batch_size), training=True))
                 return ds.repeat() if self.scale.distributed else ds
             if not self.scale.distributed:
-                return self.labelled(tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size), training=False)
+                return finish(self.labelled(tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size), training=False))
             indices, pad = padded(np.arange(len(x)), self.val_length(n_total))
             ds = tf.data.Dataset.from_tensor_slices((x[indices], y[indices])).batch(config.batch_size)
-            return self.labelled(ds, training=False, pad_weights=pad).repeat()
+            return finish(self.labelled(ds, training=False, pad_weights=pad)).repeat()
 
         return self.scale.distribute(build), self.steps(n_total) if training else self.val_steps(n_total)
 

@@ -202,15 +202,13 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
         return np.zeros((0, len(member.class_names)), np.float32)
     size = member.image_size
     forward = member.forward(whole_images=mode == "full")
-
-    def decoded(paths, jpeg):
-        ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(jpeg, bool)))
-        views = _views_function(size, mode, member.crop_fraction)
-        return ds.map(views, num_parallel_calls=parallel_calls(), deterministic=True)
+    files = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
+    decoded = files.map(_views_function(size, mode, member.crop_fraction), num_parallel_calls=parallel_calls(),
+                        deterministic=True)
 
     out = []
     if mode == "full":  # sizes differ per image: one image at a time
-        for views in finish(decoded(decode_paths, is_jpeg)):
+        for views in finish(decoded):
             out.append(np.asarray(forward(views)).mean(axis=0))
             if progress:
                 progress(1)
@@ -219,7 +217,7 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
         # decoded (each image once, all its views cut from that decode), so decoding hides behind it.
         per_image = view_count(mode)
         images_per_pass = max(1, batch_size // per_image)
-        for views in finish(decoded(decode_paths, is_jpeg).batch(images_per_pass)):
+        for views in finish(decoded.batch(images_per_pass)):
             count = int(views.shape[0])
             probs = np.asarray(forward(tf.reshape(views, (-1, size, size, 3))))
             out.append(probs.reshape(count, per_image, -1).mean(axis=1))
