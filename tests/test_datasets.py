@@ -41,7 +41,7 @@ def test_train_val_test_folders(tmp_path):
     _tree(tmp_path / "test", {"x": 1})
     splits = load_splits(tmp_path)
     assert len(splits.train) == 6 and len(splits.val) == 3 and len(splits.test) == 1
-    assert splits.val_source == "validation split from the data"
+    assert splits.val_source == f"validation split from the data ({tmp_path / 'validation'})"
 
 
 def test_unusable_datasets_are_refused_with_the_folder_named(tmp_path):

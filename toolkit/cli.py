@@ -14,8 +14,6 @@ from typing import Callable, Sequence
 
 logger = logging.getLogger("toolkit")
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
-
 
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up chatter (absl INFO lines) hidden.
@@ -76,6 +74,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from toolkit.finetune import AccuracyGateError, finetune
 
     verbose = 1 if sys.stdout.isatty() else 2
+    if args.resume:
+        _refuse_flags_with_resume(args)
     if args.ensemble or (args.resume and (Path(args.resume) / "ensemble.json").is_file()):
         return _finetune_ensemble(args, verbose)
     if args.resume:
@@ -93,12 +93,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_flags_with_resume(args: argparse.Namespace) -> None:
+    """--resume continues a run exactly as recorded in its recipe.toml: other settings would be ignored."""
+    from toolkit.errors import UserError
+
+    given = [f"--{key.replace('_', '-')}" for key in _FINETUNE_OVERRIDES + ("data", "recipe", "out", "ensemble")
+             if getattr(args, key) is not None] + (["--overwrite"] if args.overwrite else [])
+    if given:
+        raise UserError(f"--resume continues {args.resume!r} with the settings in its recipe.toml; it takes no other "
+                        f"settings. Received: {', '.join(given)}. Drop them, or start a new run with --out to change "
+                        "settings.")
+
+
 def _config_from_args(args: argparse.Namespace):
     """The recipe, with the flags given on the command line on top."""
+    from toolkit.errors import UserError
     from toolkit.recipes import build_config
 
     if not args.data:
-        raise ValueError("finetune needs --data (or --resume RUN). Received: data=None")
+        raise UserError("finetune needs --data (or --resume RUN). Received: data=None")
     overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES} | {"data": args.data}
     return build_config(args.recipe, overrides)
 
@@ -196,7 +209,9 @@ def _cmd_data_service(args: argparse.Namespace) -> int:
         print(f"tf.data service dispatcher: {server.target} (pass --data-service {server.target} to finetune)", flush=True)
     else:
         if not args.dispatcher:
-            raise ValueError("a worker needs --dispatcher grpc://HOST:PORT. Received: dispatcher=None")
+            from toolkit.errors import UserError
+
+            raise UserError("a worker needs --dispatcher grpc://HOST:PORT. Received: dispatcher=None")
         server = distribute.start_worker(args.dispatcher, args.port, args.host)
         print(f"tf.data service worker serving {args.dispatcher}", flush=True)
     server.join()  # until interrupted
@@ -224,14 +239,15 @@ def _add_data_service(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from toolkit.datasets import dataset_statistics, load_splits
+    """Report everything about the data, trainable or not; exit 2 (after the report) when it cannot train."""
+    from toolkit.datasets import DatasetError, check_trainable, dataset_statistics, load_splits
 
-    splits = load_splits(args.data, args.val_fraction, args.seed, progress=True)
+    splits = load_splits(args.data, args.val_fraction, args.seed, progress=True, min_classes=0)
     stats = dataset_statistics(splits)
     print(f"data: {splits.source}")
     print(f"classes: {stats['classes']}; train {stats['train_images']}, val {stats['val_images']} "
           f"({stats['val_source']}), test {stats['test_images']}")
-    width = max(len(n) for n in splits.class_names)
+    width = max([len(n) for n in splits.class_names] + [5])
     print(f"  {'class':<{width}}  train    val")
     for name in splits.class_names:
         print(f"  {name:<{width}}  {stats['train_per_class'][name]:>5}  {stats['val_per_class'][name]:>5}")
@@ -245,7 +261,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           f"{sum(p.severity == 'warning' for p in splits.problems)} warnings, "
           f"{sum(p.severity == 'info' for p in splits.problems)} handled automatically")
     for p in shown:
-        print(f"  {p.severity:<8} {p.path}: {p.reason}")
+        path = p.path.replace("\n", "\\n")  # one line per problem, whatever the file name holds
+        print(f"  {p.severity:<8} {path}: {p.reason}")
+    try:
+        if len(splits.class_names) < 2:
+            raise DatasetError(f"usable images for {len(splits.class_names)} classes {list(splits.class_names)}; a "
+                               "classifier needs at least two class folders with usable images")
+        warnings = check_trainable(splits)
+    except DatasetError as exc:
+        print(f"cannot train on this data: {exc}")
+        return 2
+    for warning in warnings:
+        print(f"warning: {warning}")
     from toolkit import backbones
     from toolkit.freeze import plan_freeze
 
@@ -291,12 +318,11 @@ def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from toolkit import runs
     from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
     from toolkit.verify import verify_files
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"Output exists. Received: out={str(out)!r}; pass --overwrite to replace it.")
+    out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
     members = load_models(args.model, args.weights)
     records = verify_files(collect_images(args.images), progress=False)
     errors = {r.path: r.reason for r in records if not r.ok}
@@ -307,8 +333,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
                              args.batch_size, bar.add)
     frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs)
-    from toolkit import runs
-
     runs.write_text(out, frame.to_csv(index=False))
     print(f"{len(good)} images predicted, {len(errors)} unreadable (rows say why); written to {out}")
     return 0
@@ -319,8 +343,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size)
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
+    which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
     print(f"accuracy {m['accuracy']:.4f}{top5}, macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-          f"on {m['n']} {m['split']} images; written to {args.out}")
+          f"on {m['n']} {which}; written to {args.out}")
     return 0
 
 
@@ -412,16 +437,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     _import_tensorflow_quietly()
     func: Callable[[argparse.Namespace], int] = args.func
+    from toolkit.errors import UserError
+
     try:
         return func(args)
     except KeyboardInterrupt:
         print("toolkit: interrupted", file=sys.stderr)
         return 130
-    except _USER_ERRORS as exc:
+    except UserError as exc:
         if args.verbose:
             logger.exception("failed")
-        print(f"toolkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"toolkit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, or a failure of the machine: one line, the traceback with -v
+        if args.verbose:
+            logger.exception("failed")
+        print(f"toolkit {args.command}: unexpected error: {type(exc).__name__}: {_one_line(exc)} (run again with -v "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from toolkit.errors import UserError
 from toolkit.verify import ImageRecord, VerificationCache, verify_files
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"})
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+# Fewer training images than this in a class: the run trains, with a warning.
+FEW_TRAIN_IMAGES = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The data cannot be used for training; the message says what to fix."""
 
 
@@ -101,22 +105,62 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")  # .DS_Store, ._resource forks, .git ...
 
 
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def walk_files(folder: Path, problems: list[Problem]) -> list[Path]:
+    """Every entry under ``folder`` that is not a folder, hidden ones left out, sorted.
+
+    Symbolic links to folders are followed once; a link to a folder already searched, or to
+    ``folder`` itself or above it (a loop), is listed in ``problems`` and not followed. Links
+    that point nowhere, named pipes and devices are returned like files: verification says
+    what they are (:func:`toolkit.verify.verify_file`).
+    """
+    top = Path(os.path.realpath(folder))
+    seen: set[Path] = set()
+    out: list[Path] = []
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(os.path.realpath(current))
+        if seen and (real in seen or _within(top, real)):
+            problems.append(Problem(current, f"symbolic link to {real}, a folder already searched (a loop); "
+                                             "not followed", "warning"))
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in dirs:
+            if Path(d).suffix.lower() in IMAGE_EXTENSIONS:
+                problems.append(Problem(os.path.join(current, d), "a folder named like an image; searched as a "
+                                                                  "folder", "info"))
+        out += [Path(current) / f for f in files if not f.startswith(".")]
+    return sorted(out)
+
+
 def _scan_class_tree(root: Path, problems: list[Problem]) -> dict[str, list[str]]:
     """{class name: image paths} for root/<class>/**; hidden files and non-images are left out."""
     found: dict[str, list[str]] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
-        files = sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )
-        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        others = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        for p in others:
-            problems.append(Problem(str(p), f"not an image file name ({p.suffix or 'no extension'}); ignored", "info"))
-        if not images:
-            problems.append(Problem(str(folder), "empty class folder (no images); class ignored", "warning"))
+    top = root.resolve()
+    for entry in sorted(p for p in root.iterdir() if not _is_hidden(p)):
+        if entry.is_symlink() and not entry.exists():
+            problems.append(Problem(str(entry), "symbolic link to nothing (broken); ignored", "warning"))
             continue
-        found[folder.name] = images
+        if not entry.is_dir():
+            problems.append(Problem(str(entry), "not inside a class folder; ignored", "info"))
+            continue
+        if entry.is_symlink() and _within(top, entry.resolve()):
+            problems.append(Problem(str(entry), f"symbolic link to {entry.resolve()}, which holds the data folder "
+                                                "itself (a loop); not a class, ignored", "warning"))
+            continue
+        files = walk_files(entry, problems)
+        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        for p in files:
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                problems.append(Problem(str(p), f"not an image file name ({p.suffix or 'no extension'}); ignored", "info"))
+        if not images:
+            problems.append(Problem(str(entry), "empty class folder (no images); class ignored", "warning"))
+            continue
+        found[entry.name] = images
     return found
 
 
@@ -143,6 +187,8 @@ def _read_manifest(csv_path: Path, problems: list[Problem]) -> dict[str, dict[st
         )
     out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     aliases = {alias: split for split, names in SPLIT_NAMES.items() for alias in names}
+    first_row: dict[Path, tuple[int, str, str]] = {}  # path: (line, label, split) of its first row
+    conflicting: set[Path] = set()
     for row_number, row in enumerate(frame.itertuples(index=False), start=2):
         rel, label = str(row.path).strip(), str(row.label).strip()
         split = aliases.get(str(getattr(row, "split", "train") or "train").strip().lower())
@@ -153,16 +199,36 @@ def _read_manifest(csv_path: Path, problems: list[Problem]) -> dict[str, dict[st
             problems.append(Problem(f"{csv_path}:{row_number}", f"unknown split {row.split!r} (use train/val/test); row ignored", "skipped"))
             continue
         path = (csv_path.parent / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
-        if not path.is_file():
+        if not path.exists():
             problems.append(Problem(str(path), f"listed in {csv_path.name} (line {row_number}) but missing", "skipped"))
             continue
+        if path in first_row:
+            line, first_label, first_split = first_row[path]
+            if (first_label, first_split) != (label, split):
+                conflicting.add(path)
+                problems.append(Problem(str(path), f"listed twice in {csv_path.name} with different labels or splits "
+                                        f"(line {line}: {first_label}/{first_split}, line {row_number}: {label}/{split}); "
+                                        "every row of it skipped", "skipped"))
+            else:
+                problems.append(Problem(str(path), f"listed twice in {csv_path.name} (lines {line} and {row_number}); "
+                                        "used once", "info"))
+            continue
+        first_row[path] = (row_number, label, split)
         out[split][label].append(str(path))
+    for path in conflicting:
+        _, label, split = first_row[path]
+        out[split][label].remove(str(path))
     return out
 
 
 def check_source(root: str | Path) -> None:
     """Raise the data error early (before a run folder is made) when ``root`` is neither a folder nor a CSV."""
     root = Path(root)
+    if root.exists() and not root.is_dir() and root.suffix.lower() != ".csv":
+        raise DatasetError(
+            f"--data {str(root)!r} is a file, not a folder or a .csv manifest. Pass the folder that holds one "
+            "sub-folder per class (or train/ and val/), or a CSV manifest with path,label columns."
+        )
     if not (root.is_dir() or (root.is_file() and root.suffix.lower() == ".csv")):
         raise DatasetError(
             f"Data folder not found. Received: data={str(root)!r}. Pass a folder with one sub-folder per class, "
@@ -170,19 +236,21 @@ def check_source(root: str | Path) -> None:
         )
 
 
-def _discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], str]:
+def _discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], dict[str, str], str]:
+    """({split: {class: paths}}, {split: where it comes from}, description of the source)."""
     check_source(root)
     if root.is_file():
-        return _read_manifest(root, problems), f"CSV manifest {root}"
+        layout = _read_manifest(root, problems)
+        return layout, {split: f"rows with split {split} in {root}" for split in layout}, f"CSV manifest {root}"
     train_dir = _find_child(root, SPLIT_NAMES["train"])
     if train_dir is None:
-        return {"train": _scan_class_tree(root, problems)}, f"folder-per-class tree {root}"
-    layout = {"train": _scan_class_tree(train_dir, problems)}
+        return {"train": _scan_class_tree(root, problems)}, {"train": str(root)}, f"folder-per-class tree {root}"
+    layout, where = {"train": _scan_class_tree(train_dir, problems)}, {"train": str(train_dir)}
     for split in ("val", "test"):
         child = _find_child(root, SPLIT_NAMES[split])
         if child is not None:
-            layout[split] = _scan_class_tree(child, problems)
-    return layout, f"split folders under {root}"
+            layout[split], where[split] = _scan_class_tree(child, problems), str(child)
+    return layout, where, f"split folders under {root}"
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -232,15 +300,17 @@ def load_splits(
     verify: bool = True,
     cache: VerificationCache | None = None,
     progress: bool = False,
+    min_classes: int = 2,
 ) -> DatasetSplits:
     """Discover, verify and split the dataset at ``data``.
 
     Raises:
-        DatasetError: nothing usable (missing folder, no images, fewer than two classes).
+        DatasetError: nothing usable (missing folder; no images or fewer than ``min_classes``
+            classes with usable images).
     """
     root = Path(data)
     problems: list[Problem] = []
-    layout, source = _discover(root, problems)
+    layout, where, source = _discover(root, problems)
 
     records: dict[str, ImageRecord] | None = None
     if verify:
@@ -258,21 +328,26 @@ def load_splits(
         if not files and train_layout[c]:
             problems.append(Problem(c, "every image of this class is unusable; class ignored", "warning"))
     class_names = tuple(sorted(c for c, files in usable.items() if files))
-    if not class_names:
+    skipped_files = [p.path for p in problems if p.severity == "skipped"]
+    unusable = f"{len(skipped_files)} files were unusable{_examples(skipped_files)}"
+    if not class_names and min_classes:
         raise DatasetError(
             f"{root}: no usable images found. Expected one sub-folder per class holding images "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); {len([p for p in problems if p.severity == 'skipped'])} files were unusable."
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); {unusable}."
         )
-    if len(class_names) < 2:
+    if len(class_names) < min_classes:
+        lost = sorted(c for c, files in usable.items() if not files)
         raise DatasetError(
             f"{root}: found usable images for only one class {list(class_names)}; a classifier needs at least two "
-            "class folders with images."
+            f"class folders with images"
+            + (f" (every image of {lost} is unusable; {unusable})" if lost else "")
+            + f". `toolkit inspect --data {root}` lists every problem."
         )
 
     train = _make_split(train_layout, class_names, records, str(root), problems)
     if "val" in layout:
         val = _make_split(layout["val"], class_names, records, str(root), problems)
-        val_source = "validation split from the data"
+        val_source = f"validation split from the data ({where['val']})"
     else:
         train, val = stratified_split(train, val_fraction, seed)
         val_source = f"stratified split (fraction {val_fraction}, seed {seed})"
@@ -287,6 +362,38 @@ def load_splits(
         log = logger.warning if p.severity in ("skipped", "warning") else logger.debug
         log("%s: %s: %s", p.severity, p.path, p.reason)
     return DatasetSplits(train, val, test, class_names, val_source, tuple(problems), source)
+
+
+def _examples(paths: list[str], most: int = 3) -> str:
+    if not paths:
+        return ""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ": " + ", ".join(paths[:most]) + more
+
+
+def check_trainable(splits: DatasetSplits) -> list[str]:
+    """Refuse splits a run cannot train and validate on; return warnings for ones it can, barely.
+
+    Every class needs at least one training and one validation image.
+    """
+    train, val = splits.train.counts(), splits.val.counts()
+    no_train = [c for c, n in train.items() if n == 0]
+    if no_train:
+        raise DatasetError(f"{splits.source}: classes {no_train} have no usable training images. Add images to "
+                           "them, or remove those class folders.")
+    no_val = [c for c, n in val.items() if n == 0]
+    if no_val:
+        if "stratified" in splits.val_source:
+            raise DatasetError(
+                f"{splits.source}: classes {no_val} have only 1 usable image; a class needs at least 2 (one to "
+                "train on, one to validate on). Add images to them, or remove those class folders.")
+        raise DatasetError(f"{splits.source}: the {splits.val_source} has no usable images of classes {no_val}. "
+                           "Put at least one image of every class in it.")
+    few = {c: n for c, n in train.items() if n < FEW_TRAIN_IMAGES}
+    if few:
+        return [f"only {', '.join(f'{n} {c}' for c, n in few.items())} training images (fewer than "
+                f"{FEW_TRAIN_IMAGES} per class): expect a weak, unstable classifier"]
+    return []
 
 
 def _duplicates(train: Split, val: Split, test: Split | None) -> list[Problem]:
@@ -325,9 +432,9 @@ def dataset_statistics(splits: DatasetSplits) -> dict:
         "test_images": len(splits.test) if splits.test is not None else 0,
         "train_per_class": counts,
         "val_per_class": splits.val.counts(),
-        "min_per_class": min(nonzero),
-        "max_per_class": max(nonzero),
-        "imbalance_ratio": round(max(nonzero) / min(nonzero), 2),
+        "min_per_class": min(nonzero, default=0),
+        "max_per_class": max(nonzero, default=0),
+        "imbalance_ratio": round(max(nonzero) / min(nonzero), 2) if nonzero else 0.0,
         "val_source": splits.val_source,
         "skipped_files": len(splits.skipped()),
     }

@@ -56,7 +56,7 @@ def evaluation_split(data: str | Path):
     """The split to evaluate (see module docstring), verified, with its problems."""
     from toolkit.datasets import DatasetError, load_splits
 
-    splits = load_splits(data, val_fraction=0.5)  # the fraction only matters for a tree without splits
+    splits = load_splits(data, val_fraction=0.5, min_classes=1)  # the fraction only matters for a tree without splits
     if splits.test is not None and len(splits.test):
         return splits.test, splits, "test"
     if "stratified" not in splits.val_source:
@@ -64,21 +64,24 @@ def evaluation_split(data: str | Path):
     merged = splits.train + splits.val
     if not len(merged):
         raise DatasetError(f"{data}: nothing to evaluate")
-    return merged, splits, "all images"
+    return merged, splits, "all"
 
 
 def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none", weights=None,
              overwrite: bool = False, batch_size: int = 32, verbose: int = 1) -> dict[str, Any]:
+    from toolkit.errors import UserError
     from toolkit.inference import load_models, predict_ensemble
 
-    out = runs.prepare_run_dir(out, overwrite)
+    inputs = {"--model": list(models), "--data": [data]}
+    runs.check_apart(out, inputs)
+    runs.check_replaceable(out, overwrite)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
     class_names = members[0].class_names
     split, splits, which = evaluation_split(data)
     index = {n: i for i, n in enumerate(class_names)}
     unknown = sorted(set(split.class_names) - set(index))
     if unknown:
-        raise ValueError(f"{data}: classes {unknown} are not among the model's classes {list(class_names)}")
+        raise UserError(f"--data {data}: classes {unknown} are not among the model's classes {list(class_names)}")
     labels = np.asarray([index[split.class_names[y]] for y in split.labels])
     progress = None
     if verbose:
@@ -90,11 +93,12 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
     metrics = classification_metrics(probs, labels, class_names)
     metrics.update({"split": which, "tta": tta, "models": [str(m.path) for m in members],
                     "skipped_files": [dataclasses.asdict(p) for p in splits.skipped()]})
-    runs.write_json(out / "metrics.json", metrics)
-    _write_confusion(out, np.asarray(metrics["confusion_matrix"]), class_names)
-    _write_predictions(out, split.paths, probs, labels, class_names)
-    _mistake_gallery(out / "mistakes.png", split.decode_paths, probs, labels, class_names)
-    logger.info("evaluate: accuracy %.4f on %d %s images (%s TTA); written to %s", metrics["accuracy"], metrics["n"],
+    with runs.output_dir(out, overwrite, "evaluation", inputs) as stage:
+        runs.write_json(stage / runs.METRICS_FILE, metrics)
+        _write_confusion(stage, np.asarray(metrics["confusion_matrix"]), class_names)
+        _write_predictions(stage, split.paths, probs, labels, class_names)
+        _mistake_gallery(stage / "mistakes.png", split.decode_paths, probs, labels, class_names)
+    logger.info("evaluate: accuracy %.4f on %d images (%s; %s TTA); written to %s", metrics["accuracy"], metrics["n"],
                 which, tta, out)
     return metrics
 

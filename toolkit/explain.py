@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from toolkit import runs
+from toolkit.errors import UserError
 from toolkit.head import CLASS_MAPS
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,11 @@ def class_activation_map(member, image: np.ndarray, class_name: str | None = Non
     import tensorflow as tf
 
     cam_model = keras.Model(member.model.input, [member.model.get_layer(CLASS_MAPS).output, member.model.output])
+    from toolkit.inference import whole_image_size
+
     h, w = image.shape[:2]
-    scale = (member.image_size / member.crop_fraction) / min(h, w)
-    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), (max(1, round(h * scale)), max(1, round(w * scale))))
+    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), whole_image_size((h, w), member.image_size,
+                                                                                         member.crop_fraction))
     maps, probs = cam_model(resized[tf.newaxis], training=False)
     probs = np.asarray(probs)[0]
     if class_name is None:
@@ -38,7 +41,7 @@ def class_activation_map(member, image: np.ndarray, class_name: str | None = Non
     elif class_name in member.class_names:
         index = member.class_names.index(class_name)
     else:
-        raise ValueError(f"Unknown class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
+        raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
     cam = np.asarray(maps)[0, :, :, index]
     cam = tf.image.resize(cam[..., None], (h, w), method="bilinear").numpy()[..., 0]
     cam = (cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-12)
@@ -52,6 +55,11 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
 
 
+def safe_file_name(text: str) -> str:
+    """``text`` as one harmless file-name part: no separators, no leading dots, never empty."""
+    return re.sub(r"[^\w.-]+", "_", text).lstrip(".") or "_"
+
+
 def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
             overwrite: bool = False) -> list[Path]:
     from PIL import Image
@@ -59,20 +67,25 @@ def explain(model: str, images: Sequence[str], out: str | Path, class_name: str 
     from toolkit.inference import collect_images, load_member
     from toolkit.verify import verify_files
 
-    out = runs.prepare_run_dir(out, overwrite)
     member = load_member(model)
+    if class_name is not None and class_name not in member.class_names:
+        raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
+    records = verify_files(collect_images(images))
     written = []
-    for record in verify_files(collect_images(images)):
-        if not record.ok:
-            logger.warning("explain: skipped %s: %s", record.path, record.reason)
-            continue
-        with Image.open(record.decode_path) as im:
-            image = np.asarray(im.convert("RGB"))
-        cam, index, probs = class_activation_map(member, image, class_name)
-        stem = re.sub(r"[^\w.-]+", "_", Path(record.path).stem)
-        target = out / f"{stem}.cam-{member.class_names[index]}.png"
-        with runs.atomic_path(target) as tmp:
-            Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")
-        logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index], target)
-        written.append(target)
+    with runs.output_dir(out, overwrite, "explain", {"--model": [model], "--images": list(images)}) as stage:
+        for record in records:
+            if not record.ok:
+                logger.warning("explain: skipped %s: %s", record.path, record.reason)
+                continue
+            with Image.open(record.decode_path) as im:
+                image = np.asarray(im.convert("RGB"))
+            cam, index, probs = class_activation_map(member, image, class_name)
+            name = f"{safe_file_name(Path(record.path).stem)}.cam-{safe_file_name(member.class_names[index])}.png"
+            if (stage / name).exists():  # the same file name in two folders
+                name = f"{Path(name).stem}-{len(written) + 1}.png"
+            with runs.atomic_path(stage / name) as tmp:
+                Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")
+            logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index],
+                        Path(out) / name)
+            written.append(Path(out) / name)
     return written

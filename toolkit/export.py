@@ -15,12 +15,13 @@ import tempfile
 from pathlib import Path
 
 from toolkit import runs
+from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 FORMATS = ("savedmodel", "tflite", "onnx")
 
 
-class ExportUnavailableError(RuntimeError):
+class ExportUnavailableError(UserError):
     pass
 
 
@@ -37,34 +38,38 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Pa
     from toolkit.inference import load_member
 
     if fmt not in FORMATS:
-        raise ValueError(f"Unknown export format. Received: format={fmt!r}; allowed: {', '.join(FORMATS)}")
-    member = load_member(model)
-    out = runs.prepare_run_dir(out, overwrite)
-    runs.write_json(out / "classes.json", list(member.class_names))
-    keras_model = _fixed_shape_model(member)
-    if fmt == "savedmodel":
-        target = out / "savedmodel"
-        _export_savedmodel(keras_model, target)
-    elif fmt == "tflite":
-        import tensorflow as tf
-
-        with tempfile.TemporaryDirectory() as tmp:
-            _export_savedmodel(keras_model, Path(tmp) / "sm")
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
-            flat = converter.convert()
-        target = out / "model.tflite"
-        with runs.atomic_path(target) as tmp_file:
-            tmp_file.write_bytes(flat)
-    else:
-        target = out / "model.onnx"
+        raise UserError(f"Unknown export format. Received: format={fmt!r}; allowed: {', '.join(FORMATS)}")
+    inputs = {"--model": [model]}
+    runs.check_apart(out, inputs)
+    runs.check_replaceable(out, overwrite)
+    if fmt == "onnx":
         try:
             import tf2onnx  # noqa: F401
         except ImportError as exc:
             raise ExportUnavailableError(
                 "ONNX export needs tf2onnx and onnx (pip install tf2onnx onnx); they are not installed. "
                 f"({exc})") from None
-        with runs.atomic_path(target) as tmp_file:
-            keras_model.export(str(tmp_file), format="onnx", verbose=False)
+    member = load_member(model)
+    keras_model = _fixed_shape_model(member)
+    names = {"savedmodel": "savedmodel", "tflite": "model.tflite", "onnx": "model.onnx"}
+    with runs.output_dir(out, overwrite, "export", inputs) as stage:
+        runs.write_json(stage / runs.CLASSES_FILE, list(member.class_names))
+        target = stage / names[fmt]
+        if fmt == "savedmodel":
+            _export_savedmodel(keras_model, target)
+        elif fmt == "tflite":
+            import tensorflow as tf
+
+            with tempfile.TemporaryDirectory() as tmp:
+                _export_savedmodel(keras_model, Path(tmp) / "sm")
+                converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
+                flat = converter.convert()
+            with runs.atomic_path(target) as tmp_file:
+                tmp_file.write_bytes(flat)
+        else:
+            with runs.atomic_path(target) as tmp_file:
+                keras_model.export(str(tmp_file), format="onnx", verbose=False)
+    target = Path(out) / names[fmt]
     logger.info("export: %s written to %s", fmt, target)
     return target
 

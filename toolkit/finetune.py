@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import math
 import shutil
@@ -33,14 +32,14 @@ from typing import Any
 import numpy as np
 
 from toolkit import backbones, runs
-from toolkit.datasets import DatasetSplits, Split, check_source, dataset_statistics, load_splits
+from toolkit.datasets import DatasetSplits, Split, check_source, check_trainable, dataset_statistics, load_splits
+from toolkit.errors import UserError
 from toolkit.freeze import FreezePlan, apply_plan, plan_freeze
-from toolkit.recipes import FinetuneConfig, config_from_dict, config_to_dict
+from toolkit.recipes import FinetuneConfig, config_to_dict, load_config
+from toolkit.runs import RECIPE_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-RECIPE_FILE = "recipe.toml"
 # A feature-map cache larger than this (float16) is not built; the head then trains on images.
 MAX_CACHE_BYTES = 2 << 30
 
@@ -158,8 +157,10 @@ def _make_checkpoint_callback(run_dir: Path, stage: str, state: dict, patience: 
 class _Run:
     """One finetune run: its folder, its config and its resumable state."""
 
-    def __init__(self, config: FinetuneConfig, run_dir: Path, state: dict, verbose: int, scale, work_dir: Path):
+    def __init__(self, config: FinetuneConfig, run_dir: Path, state: dict, verbose: int, scale, work_dir: Path,
+                 splits: DatasetSplits):
         self.config = config
+        self.splits = splits
         self.run_dir = run_dir  # the run folder
         # Where this process writes: the run folder on the chief; a private temporary folder on other
         # workers, which compute the same things in step with the chief but must not write the run.
@@ -172,6 +173,18 @@ class _Run:
 
     def save_state(self) -> None:
         runs.write_json(self.dir / STATE_FILE, self.state)
+
+    @property
+    def final_dir(self) -> Path:
+        """Where the run ends up: the folder it replaces, when it was trained beside it (``--overwrite``)."""
+        return Path(self.state.get("replaces") or self.run_dir)
+
+    def finish_replacement(self) -> Path:
+        """Swap a finished replacement in for the folder it replaces (chief only); returns the final folder."""
+        if self.state.get("replaces") and self.scale.is_chief and self.run_dir != self.final_dir:
+            runs.replace_dir(self.run_dir, self.final_dir)
+            logger.info("finetune: %s replaced by the new run", self.final_dir)
+        return self.final_dir
 
     def stage_state(self, stage: str) -> dict:
         return self.state.setdefault(stage, {"history": [], "best_loss": math.inf, "best_epoch": 0, "wait": 0,
@@ -195,7 +208,7 @@ class _Run:
         if s["epochs_done"]:
             logger.info("%s: resuming after epoch %d", stage, s["epochs_done"])
             model.optimizer.build(model.trainable_variables)  # built first, so its moments load too
-            model.load_weights(self.dir / f"{stage}.last.weights.h5")
+            _load_checkpoint(model.load_weights, self.dir / f"{stage}.last.weights.h5")
             model.optimizer.iterations.assign(s["epochs_done"] * steps)  # the schedule continues where it was
         if s["epochs_done"] < epochs and s["wait"] < self.config.early_stopping_patience:
             callback = _make_checkpoint_callback(self.dir, stage, self.state, self.config.early_stopping_patience, self.save_state)
@@ -204,19 +217,62 @@ class _Run:
                       callbacks=[callback], verbose=self.verbose if self.scale.is_chief else 0,
                       shuffle=False)  # tf.data shuffles, with the run's seed
         if (self.dir / f"{stage}.best.weights.h5").is_file():
-            model.load_weights(self.dir / f"{stage}.best.weights.h5")
+            _load_checkpoint(model.load_weights, self.dir / f"{stage}.best.weights.h5")
         s["done"] = True
         self.save_state()
 
 
 def create_run(config: FinetuneConfig, out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Make the run folder and write its resolved recipe; training it is ``finetune(resume=...)``."""
-    if not config.data:
-        raise ValueError("finetune needs data. Received: data=''")
-    config.validate()
-    run_dir = runs.prepare_run_dir(out or runs.default_run_dir(config.backbone), overwrite)
+    """Make (and mark) the run folder and write its resolved recipe; training it is ``finetune(resume=...)``.
+
+    Replacing an earlier run (``overwrite``), the folder made is a sibling that takes its place
+    only when the new run finishes (its ``state.json`` records which folder it replaces).
+    """
+    target = Path(out or runs.default_run_dir(config.backbone))
+    run_dir = runs.prepare_run_dir(target, overwrite, "run", {"--data": [config.data]})
     runs.write_text(run_dir / RECIPE_FILE, runs.to_toml(config_to_dict(config)))
+    if run_dir != target:
+        runs.write_json(run_dir / STATE_FILE, {"replaces": str(target.resolve())})
+        logger.info("finetune: the new run trains in %s and replaces %s only when it finishes (an interrupted one "
+                    "continues with --resume %s)", run_dir, target, run_dir)
     return run_dir
+
+
+def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
+    """The config of a new run, checked, with its data path made absolute (runs resume from anywhere)."""
+    if not config.data:
+        raise UserError("finetune needs --data (or --resume RUN). Received: data=''")
+    config.validate()
+    check_source(config.data)
+    absolute = {"data": str(Path(config.data).resolve())}
+    if config.albumentations:
+        absolute["albumentations"] = str(Path(config.albumentations).resolve())
+    return dataclasses.replace(config, **absolute)
+
+
+def load_checked_splits(config: FinetuneConfig, progress: bool) -> DatasetSplits:
+    """The run's data, refused (before any folder exists) when it cannot train and validate."""
+    splits = load_splits(config.data, config.val_fraction, config.seed, progress=progress)
+    for warning in check_trainable(splits):
+        logger.warning("data: %s", warning)
+    return splits
+
+
+def read_state(run_dir: Path, resuming: bool) -> dict:
+    """A run folder's ``state.json``; missing is fine only while no checkpoint exists."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        checkpoints = sorted(p.name for p in run_dir.glob("*.weights.h5"))
+        if checkpoints:
+            raise UserError(f"{path} is missing, so the checkpoints ({', '.join(checkpoints)}) cannot be matched to "
+                            "an epoch. Restore state.json, or start a new run with --out.")
+        if resuming:
+            logger.info("resume: no epoch of %s had finished; starting from epoch 1", run_dir)
+        return {}
+    state = runs.read_json(path, "It records the finished epochs: restore it, or start a new run with --out.")
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object). Restore it, or start a new run with --out.")
+    return state
 
 
 def finetune(
@@ -228,46 +284,87 @@ def finetune(
 ) -> FinetuneResult:
     """Train a classifier; see the module docstring. ``resume`` continues a run folder.
 
+    Everything the run needs is checked before its folder is made, so bad input leaves nothing behind.
     Under ``strategy = "multi-worker"`` every worker runs this same call (the same command line);
     ``out`` must then name one folder that all of them see (a shared filesystem). Only the chief
     creates and writes it.
     """
-    import tomllib
-
     from toolkit import distribute
 
+    splits = None
     if resume is None:
         if config is None:
-            raise ValueError("finetune needs a config or resume=RUN")
-        if not config.data:
-            raise ValueError("finetune needs data. Received: data=''")
-        config.validate()
-        check_source(config.data)  # before a run folder exists: a bad --data leaves nothing behind
+            raise UserError("finetune needs a config or resume=RUN")
+        config = prepare_config(config)
         if config.strategy == "multi-worker" and out is None:
-            raise ValueError("--strategy multi-worker needs --out: every worker must name the same run folder, on a "
-                             "filesystem they all see. Received: out=None")
+            raise UserError("--strategy multi-worker needs --out: every worker must name the same run folder, on a "
+                            "filesystem they all see. Received: out=None")
+        target = Path(out or runs.default_run_dir(config.backbone))
+        runs.check_apart(target, {"--data": [config.data]})
+        if runs.check_replaceable(target, overwrite) and config.strategy == "multi-worker":
+            raise UserError(f"--overwrite with --strategy multi-worker: every worker must write the same folder; "
+                            f"remove {str(target)!r} first, or choose another --out")
+        splits = load_checked_splits(config, progress=verbose > 0)
     else:
         run_dir = Path(resume)
         if not (run_dir / RECIPE_FILE).is_file():
-            raise FileNotFoundError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
-        config = config_from_dict(tomllib.loads((run_dir / RECIPE_FILE).read_text()))
+            raise UserError(f"Not a run folder (no {RECIPE_FILE}). Received: resume={str(resume)!r}")
+        config = load_config(run_dir / RECIPE_FILE)
     scale = distribute.resolve(config.strategy)  # before anything else runs TensorFlow ops
     logger.info("strategy: %s", scale.describe())
     if resume is None:
-        run_dir = create_run(config, out, overwrite) if scale.is_chief else Path(out)
-    state_path = run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if resume is not None and state_path.is_file() else {}
-    if state.get("finished"):
-        raise ValueError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
-    work_dir = run_dir if scale.is_chief else _worker_dir(run_dir, scale.worker_index, resume is not None)
-    run = _Run(config, run_dir, state, verbose, scale, work_dir)
-    if work_dir != run_dir:
-        run.closers.append(lambda: shutil.rmtree(work_dir, ignore_errors=True))
+        run_dir = create_run(config, target, overwrite) if scale.is_chief else target
+    with runs.locked(run_dir) if scale.is_chief else contextlib.nullcontext():
+        state = read_state(run_dir, resume is not None)
+        if state.get("finished"):
+            raise UserError(f"Run already finished. Received: resume={str(resume)!r}; start a new run with --out.")
+        if splits is None:
+            splits = _resumed_splits(run_dir, config, verbose > 0 and scale.is_chief)
+        work_dir = run_dir if scale.is_chief else _worker_dir(run_dir, scale.worker_index, resume is not None)
+        run = _Run(config, run_dir, state, verbose, scale, work_dir, splits)
+        if work_dir != run_dir:
+            run.closers.append(lambda: shutil.rmtree(work_dir, ignore_errors=True))
+        try:
+            result = _train(run)
+        except AccuracyGateError as exc:
+            exc.run_dir = run.finish_replacement()
+            raise
+        except UserError:
+            _remove_if_untrained(run, fresh=resume is None)
+            raise
+        finally:
+            for close in run.closers:
+                close()
+    return dataclasses.replace(result, run_dir=run.finish_replacement())
+
+
+def _remove_if_untrained(run: _Run, fresh: bool) -> None:
+    """A new run that failed on its input before finishing an epoch leaves no folder behind.
+
+    (What can be checked is checked before the folder exists; this catches the rest, such as
+    a backbone whose weights cannot be had here.) The folder is the toolkit's own, just made.
+    """
+    trained = any(isinstance(v, dict) and v.get("epochs_done") for v in run.state.values())
+    if fresh and run.scale.is_chief and not trained:
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+
+
+def _resumed_splits(run_dir: Path, config: FinetuneConfig, progress: bool) -> DatasetSplits:
+    """The data of a run being resumed; its classes must be the ones the run was started with."""
     try:
-        return _train(run)
-    finally:
-        for close in run.closers:
-            close()
+        splits = load_checked_splits(config, progress)
+    except UserError as exc:
+        raise UserError(f"{exc} (--data as recorded in {run_dir / RECIPE_FILE})") from None
+    if (run_dir / runs.CLASSES_FILE).is_file():
+        before = runs.read_json(run_dir / runs.CLASSES_FILE, "It lists the run's classes: restore it, or start a "
+                                "new run with --out.")
+        if list(splits.class_names) != before:
+            added, removed = sorted(set(splits.class_names) - set(before)), sorted(set(before) - set(splits.class_names))
+            change = "; ".join(part for part in (f"added {added}" if added else "", f"removed {removed}" if removed
+                                                 else "") if part) or "the same classes in another order"
+            raise UserError(f"The classes of {config.data} changed since {run_dir} started ({change}), so its "
+                            "checkpoints do not fit. Start a new run with --out, or restore the data as it was.")
+    return splits
 
 
 def _worker_dir(run_dir: Path, index: int, resuming: bool) -> Path:
@@ -275,7 +372,7 @@ def _worker_dir(run_dir: Path, index: int, resuming: bool) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f"toolkit-worker{index}-"))
     if resuming:
         for path in run_dir.iterdir():
-            if path.is_file() and (path.name.endswith(".weights.h5") or path.name in (STATE_FILE, "pca.json")):
+            if path.is_file() and (path.name.endswith(".weights.h5") or path.name in (STATE_FILE, runs.PCA_FILE)):
                 shutil.copy2(path, work / path.name)
     return work
 
@@ -298,38 +395,48 @@ def finetune_ensemble(
 
     if resume is not None:
         folder = Path(resume)
-        spec = json.loads((folder / ENSEMBLE_FILE).read_text())
+        spec = runs.read_json(folder / ENSEMBLE_FILE, "It lists the ensemble's members: restore it, or start a new "
+                              "ensemble with --out.")
     else:
         if config is None:
-            raise ValueError("finetune_ensemble needs a config or resume=FOLDER")
-        config.validate()
+            raise UserError("finetune_ensemble needs a config or resume=FOLDER")
+        config = prepare_config(config)
         if config.strategy == "multi-worker":
-            raise ValueError("--ensemble trains its members one after another in one process; a multi-worker "
-                             "cluster cannot be set up more than once per process. Received: strategy='multi-worker'; "
-                             "train each member with its own `toolkit finetune --strategy multi-worker --out` instead")
+            raise UserError("--ensemble trains its members one after another in one process; a multi-worker "
+                            "cluster cannot be set up more than once per process. Received: strategy='multi-worker'; "
+                            "train each member with its own `toolkit finetune --strategy multi-worker --out` instead")
         variants = _ensemble_variants(config, members)
-        folder = runs.prepare_run_dir(out or runs.default_run_dir("ensemble"), overwrite)
+        target = Path(out or runs.default_run_dir("ensemble"))
+        runs.check_apart(target, {"--data": [config.data]})
+        runs.check_replaceable(target, overwrite)
+        load_checked_splits(config, progress=verbose > 0)  # the data can train, before any folder exists
+        folder = runs.prepare_run_dir(target, overwrite, "ensemble")
         names = []
         for i, variant in enumerate(variants, start=1):
             name = f"{i}-{variant.backbone}-seed{variant.seed}"
             create_run(variant, folder / name)
             names.append(name)
         spec = {"members": names, "weights": [1.0] * len(names)}
+        if folder != target:
+            spec["replaces"] = str(target.resolve())
         runs.write_json(folder / ENSEMBLE_FILE, spec)
     member_metrics = {}
     for name in spec["members"]:
         member_dir = folder / name
-        state = member_dir / STATE_FILE
-        if state.is_file() and json.loads(state.read_text()).get("finished"):
-            member_metrics[name] = json.loads((member_dir / "metrics.json").read_text())
+        if read_state(member_dir, resuming=False).get("finished"):
+            member_metrics[name] = runs.read_json(member_dir / runs.METRICS_FILE, "Train the member again: delete "
+                                                  "its folder's state.json, then resume.")
             continue
         logger.info("ensemble: training member %s", name)
-        member_metrics[name] = finetune(resume=member_dir, verbose=verbose).metrics
+        try:
+            member_metrics[name] = finetune(resume=member_dir, verbose=verbose).metrics
+        except UserError:
+            if resume is None and not member_metrics and not (member_dir / STATE_FILE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # nothing trained yet: leave no folder behind
+            raise
 
     # The ensemble on the validation split (members share data and seed of the split).
-    import tomllib
-
-    first = config_from_dict(tomllib.loads((folder / spec["members"][0] / RECIPE_FILE).read_text()))
+    first = load_config(folder / spec["members"][0] / RECIPE_FILE)
     splits = load_splits(first.data, first.val_fraction, first.seed)
     models = load_models([folder])
     probs = predict_ensemble(models, splits.val.decode_paths, splits.val.is_jpeg)
@@ -340,7 +447,10 @@ def finetune_ensemble(
         "members": {name: m["val_accuracy"] for name, m in member_metrics.items()},
         "calibration": calibrate(probs, labels),
     }
-    runs.write_json(folder / "metrics.json", metrics)
+    runs.write_json(folder / runs.METRICS_FILE, metrics)
+    if spec.get("replaces"):
+        staged, folder = folder, Path(spec["replaces"])
+        runs.replace_dir(staged, folder)
     logger.info("ensemble: validation accuracy %.4f (members: %s); written to %s", metrics["val_accuracy"],
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics["members"].items()), folder)
     return {"run_dir": folder, **metrics}
@@ -353,11 +463,11 @@ def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneCon
     if members.isdigit():
         count = int(members)
         if count < 2:
-            raise ValueError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+            raise UserError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
         return [dataclasses.replace(config, seed=config.seed + i) for i in range(count)]
     names = [m.strip() for m in members.split(",") if m.strip()]
     if len(names) < 2:
-        raise ValueError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+        raise UserError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
     for name in names:
         registry.get_spec(name)  # did-you-mean
     return [dataclasses.replace(config, backbone=name, image_size=0 if name != config.backbone else config.image_size)
@@ -403,15 +513,15 @@ def _train_in_scope(run: _Run) -> FinetuneResult:
 
     # ---- data
     start = time.perf_counter()
-    splits: DatasetSplits = load_splits(config.data, config.val_fraction, config.seed,
-                                        progress=run.verbose > 0 and scale.is_chief)
+    splits = run.splits
     num_classes = len(splits.class_names)
-    if (run.dir / "pca.json").is_file():
-        pca = json.loads((run.dir / "pca.json").read_text())
+    if (run.dir / runs.PCA_FILE).is_file():
+        pca = runs.read_json(run.dir / runs.PCA_FILE, "Delete it: the next --resume computes it again.")
     else:
         pca = pca_statistics(list(splits.train.decode_paths), seed=config.seed)
-        runs.write_json(run.dir / "pca.json", pca)
-    runs.write_json(run.dir / "classes.json", list(splits.class_names))
+        runs.write_json(run.dir / runs.PCA_FILE, pca)
+    if not (run.dir / runs.CLASSES_FILE).is_file():
+        runs.write_json(run.dir / runs.CLASSES_FILE, list(splits.class_names))
     stats = dataset_statistics(splits)
     counts = list(splits.train.counts().values())
     weights = class_weights(counts, config.class_weights)
@@ -538,7 +648,7 @@ def _load_model_weights(model, path: Path) -> None:
     """Load a checkpoint's model weights where the optimizer state does not matter (a finished stage)."""
     with warnings.catch_warnings():  # optimizer built or not, saved with or without one: Keras warns, harmlessly
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(path)
+        _load_checkpoint(model.load_weights, path)
 
 
 class _Data:
@@ -716,9 +826,9 @@ def _feature_cache(run: _Run, backbone, head, data: _Data):
     name = "features.npz" if scale.workers == 1 else f"features-{scale.worker_index}of{scale.workers}.npz"
     cache_path = run.dir / "cache" / name
     views_per_image = cache_views(len(splits.train), config.cache_views, config.cache_view_budget)
-    if cache_path.is_file():
-        cached = np.load(cache_path)
-        train_x, train_y, val_x, val_y = cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
+    cached = _read_feature_cache(cache_path)
+    if cached is not None:
+        train_x, train_y, val_x, val_y = cached
         logger.info("stage 1: feature cache loaded from %s", cache_path)
     else:
         train, val = splits.train, splits.val
@@ -741,6 +851,31 @@ def _feature_cache(run: _Run, backbone, head, data: _Data):
     head_model = head.on_features(train_x.shape[1:])
     train = data.arrays(train_x, train_y, True, len(splits.train) * views_per_image)
     return head_model, train, data.arrays(val_x, val_y, False, len(splits.val))
+
+
+def _read_feature_cache(path: Path) -> tuple[np.ndarray, ...] | None:
+    """(train_x, train_y, val_x, val_y) from a cache file; None when absent, or unreadable (with a warning)."""
+    import zipfile
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as cached:
+            return tuple(cached[key] for key in ("train_x", "train_y", "val_x", "val_y"))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        logger.warning("stage 1: the feature cache %s is unreadable (%s: %s); computing it again", path,
+                       type(exc).__name__, exc)
+        return None
+
+
+def _load_checkpoint(load, path: Path) -> None:
+    """``load(path)`` (a Keras weights loader); a missing or damaged checkpoint is a user error naming it."""
+    try:
+        load(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}): the "
+                        "checkpoint is missing, truncated or corrupt, so the run cannot resume from it. Start a "
+                        "new run with --out.") from None
 
 
 def _metrics(probs: np.ndarray, labels: np.ndarray, class_names, state: dict) -> dict[str, Any]:
@@ -766,31 +901,11 @@ def _metrics(probs: np.ndarray, labels: np.ndarray, class_names, state: dict) ->
     return out
 
 
-def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str] | None = None) -> str:
-    """The run's report.md: data summary, problems found, and any further sections."""
-    lines = ["# Run report", "", "## Data", "", f"Source: {splits.source}; validation: {splits.val_source}.", ""]
-    lines += ["| class | train | val |", "|---|---:|---:|"]
-    for name in splits.class_names:
-        lines.append(f"| {name} | {stats['train_per_class'][name]} | {stats['val_per_class'][name]} |")
-    lines += ["", f"Imbalance ratio (largest / smallest train class): {stats['imbalance_ratio']}."]
-    if "image_size" in stats:
-        size = stats["image_size"]
-        lines.append(f"Image sizes (w x h): min {size['min'][0]}x{size['min'][1]}, median {size['median'][0]}x"
-                     f"{size['median'][1]}, max {size['max'][0]}x{size['max'][1]}.")
-    lines += ["", "## Problems found", ""]
-    if splits.problems:
-        lines += ["| severity | file | reason |", "|---|---|---|"]
-        lines += [f"| {p.severity} | `{p.path}` | {p.reason} |" for p in splits.problems]
-    else:
-        lines.append("None.")
-    for title, body in (sections or {}).items():
-        lines += ["", f"## {title}", "", body]
-    return "\n".join(lines) + "\n"
-
-
 def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: FreezePlan, metrics: dict) -> None:
     import keras
     import pandas as pd
+
+    from toolkit.report import plot_curves, report_markdown
 
     # The saved model is plain functional Keras (no training optimizer), loadable in safe mode.
     export = keras.Model(model.input, model.output, name="classifier")
@@ -804,7 +919,7 @@ def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: F
     frame.to_csv(buffer, index=False)
     runs.write_text(run.dir / "history.csv", buffer.getvalue())
     if len(frame):
-        _plot_curves(frame, run.dir / "curves.png")
+        plot_curves(frame, run.dir / runs.CURVES_FILE)
     training = [f"- freeze plan: {plan.describe()}"]
     for stage in ("head", "finetune"):
         if stage in run.state:
@@ -818,27 +933,4 @@ def _write_outputs(run: _Run, model, splits: DatasetSplits, stats: dict, plan: F
     training.append(f"- calibration: temperature {metrics['temperature']:.3f} fitted on the validation split; "
                     f"ECE {metrics['ece_before']:.4f} before, {metrics['ece_after']:.4f} after")
     timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
-    runs.write_text(run.dir / "report.md", report_markdown(splits, stats, {"Training": "\n".join(training), "Timings": timings}))
-
-
-def _plot_curves(frame, target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(1, len(frame) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
-            if key in frame:
-                ax.plot(x, frame[key], style, label=key)
-        if "stage" in frame and (frame["stage"] == "finetune").any():
-            ax.axvline((frame["stage"] == "head").sum() + 0.5, color="grey", lw=0.8)
-        ax.set_xlabel("epoch (head, then fine-tune)")
-        ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    with runs.atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    runs.write_text(run.dir / runs.REPORT_FILE, report_markdown(splits, stats, {"Training": "\n".join(training), "Timings": timings}))

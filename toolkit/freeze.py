@@ -30,6 +30,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+from toolkit.errors import UserError
+
 AUTO_RULE: tuple[tuple[float, float, str], ...] = (
     # (min mean images per class, fraction of stages unfrozen, words)
     (2000, 1.0, "all stages"),
@@ -97,12 +99,12 @@ def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages
     try:
         fraction = float(value)
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"Unknown freeze mode. Received: freeze={freeze!r}. Allowed: auto, all, none, a fraction of stages "
             f"to unfreeze in [0, 1], or a stage name ({', '.join(stages)})."
         ) from None
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"A freeze fraction must be in [0, 1]. Received: freeze={freeze!r}")
+        raise UserError(f"A freeze fraction must be in [0, 1]. Received: freeze={freeze!r}")
     unfrozen = _stages_for_fraction(fraction, total)
     return FreezePlan("fraction", unfrozen, total, stages, f"freeze={fraction:g}: top {fraction:.0%} of the stages")
 

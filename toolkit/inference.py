@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import tomllib
 from pathlib import Path
@@ -33,15 +32,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from toolkit import runs
 from toolkit.calibration import apply_temperature
+from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "5crop", "10crop", "full")
-ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FILE = runs.ENSEMBLE_FILE
+# The whole-image view (``--tta full``, ``explain``) has its shorter side at size / crop_fraction; an image
+# of extreme aspect ratio (20000x100) would become a 51200x256 input and tens of GB of activations, so the
+# view is scaled down further to hold at most this many pixels (16 of the 256x256 standard views).
+WHOLE_IMAGE_MAX_PIXELS = 16 * 256 * 256
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UserError):
     pass
 
 
@@ -76,18 +81,48 @@ def _run_image_size(recipe: dict) -> int:
     return backbones.get_spec(recipe.get("backbone", "mobilenet_v2")).input_size
 
 
-def load_member(run: str | Path, weight: float = 1.0):
+def _load_keras_model(path: Path):
+    """``keras.models.load_model`` in safe mode; a file it cannot or will not load is a user error."""
     import keras
 
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, TypeError... for bad files
+        text = " ".join(str(exc).split())
+        if "safe_mode=False" in text and "deserializ" in text:  # Keras refusing code in safe mode
+            why = ("it holds Python code (a Lambda layer) that safe mode refuses to run; only load it with "
+                   "safe_mode=False in Python if you trust where it came from")
+        else:
+            why = f"it cannot be read ({type(exc).__name__}: {text[:200]}); the file is truncated or corrupt: " \
+                  "train the run again or restore the file"
+        raise UserError(f"{path}: not loaded: {why}") from exc
+
+
+def load_member(run: str | Path, weight: float = 1.0):
     run = Path(run)
-    if not (run / "model.keras").is_file():
-        raise FileNotFoundError(f"Not a trained run folder (no model.keras). Received: model={str(run)!r}")
-    recipe = tomllib.loads((run / "recipe.toml").read_text()) if (run / "recipe.toml").is_file() else {}
-    calibration = json.loads((run / "calibration.json").read_text()) if (run / "calibration.json").is_file() else {}
+    if not (run / runs.MODEL_FILE).is_file():
+        raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
+    recipe = {}
+    if (run / runs.RECIPE_FILE).is_file():
+        try:
+            recipe = tomllib.loads((run / runs.RECIPE_FILE).read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{run / runs.RECIPE_FILE} is corrupt ({exc}); restore it or train the run again") from None
+    calibration = {}
+    if (run / runs.CALIBRATION_FILE).is_file():
+        calibration = runs.read_json(run / runs.CALIBRATION_FILE, "Delete it to predict without calibration.")
+    class_names = runs.read_json(run / runs.CLASSES_FILE, "It lists the class names in label order; restore it.")
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise UserError(f"{run / runs.CLASSES_FILE} must be a JSON list of class names. Received: {class_names!r:.100}")
+    model = _load_keras_model(run / runs.MODEL_FILE)
+    outputs = model.output_shape[-1]
+    if len(class_names) != outputs:
+        raise UserError(f"{run / runs.CLASSES_FILE} names {len(class_names)} classes, but the model has {outputs} "
+                        "outputs; restore the classes.json that was trained with this model.")
     return Member(
         path=run,
-        model=keras.models.load_model(run / "model.keras", safe_mode=True),
-        class_names=tuple(json.loads((run / "classes.json").read_text())),
+        model=model,
+        class_names=tuple(class_names),
         image_size=_run_image_size(recipe),
         crop_fraction=float(recipe.get("crop_fraction", 0.875)),
         temperature=float(calibration.get("temperature", 1.0)),
@@ -103,7 +138,7 @@ def expand_models(paths: Sequence[str | Path], weights: Sequence[float] | None =
     for path, weight in zip(paths, weights or [1.0] * len(paths)):
         path = Path(path)
         if (path / ENSEMBLE_FILE).is_file():
-            spec = json.loads((path / ENSEMBLE_FILE).read_text())
+            spec = runs.read_json(path / ENSEMBLE_FILE, "It lists the ensemble's members; restore it.")
             member_weights = spec.get("weights") or [1.0] * len(spec["members"])
             out += [(path / m, weight * w) for m, w in zip(spec["members"], member_weights)]
         else:
@@ -160,16 +195,23 @@ def tta_views(data, is_jpeg, size: int, mode: str, crop_fraction: float):
     image = tf.io.decode_image(data, channels=3, expand_animations=False)  # decoded once, all views cut from it
     image.set_shape([None, None, 3])
     if mode == "full":
-        hw = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = (size / crop_fraction) / tf.reduce_min(hw)
-        new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-        return tf.image.resize(image, new_hw, method="bilinear")[tf.newaxis]
+        return tf.image.resize(image, whole_image_size(tf.shape(image)[:2], size, crop_fraction), method="bilinear")[tf.newaxis]
     windows, mirrored = _windows(tf.shape(image), mode, crop_fraction)
     views = []
     for win, mirror in zip(windows, mirrored):
         crop = resize(tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], 3])), size)
         views.append(tf.reverse(crop, axis=[1]) if mirror else crop)
     return tf.stack(views)
+
+
+def whole_image_size(hw, size: int, crop_fraction: float):
+    """(height, width) of the whole-image view: shorter side size / crop_fraction, aspect kept, and at most
+    :data:`WHOLE_IMAGE_MAX_PIXELS` pixels (a tensor; pass ``tf.shape(image)[:2]`` or a (h, w) pair)."""
+    import tensorflow as tf
+
+    hw = tf.cast(hw, tf.float32)
+    scale = tf.minimum((size / crop_fraction) / tf.reduce_min(hw), tf.sqrt(WHOLE_IMAGE_MAX_PIXELS / (hw[0] * hw[1])))
+    return tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,24 +284,37 @@ def predict_ensemble(members: Sequence[Member], decode_paths, is_jpeg, mode: str
 
 
 def collect_images(inputs: Iterable[str]) -> list[str]:
-    """Files named directly, image files under folders (recursively), and `path` columns of CSVs."""
-    from toolkit.datasets import IMAGE_EXTENSIONS
+    """Files named directly, image files under folders (recursively), and `path` columns of CSVs.
+
+    Nothing is opened here: what each path really is (a pipe, a broken link, not an image) is
+    found by verification, which gives it an error row.
+    """
+    from toolkit.datasets import IMAGE_EXTENSIONS, walk_files
 
     files: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*")
-                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+            problems: list = []
+            files += [str(p) for p in walk_files(path, problems) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            for problem in problems:
+                logger.warning("%s: %s", problem.path, problem.reason)
         elif path.suffix.lower() == ".csv" and path.is_file():
             import pandas as pd
 
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            try:
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UserError(f"{path}: cannot be read as CSV ({exc}); a CSV of images needs a 'path' column") from None
             if "path" not in frame.columns:
-                raise ValueError(f"{path}: a CSV of images needs a 'path' column. Received columns: {list(frame.columns)}")
+                raise UserError(f"{path}: a CSV of images needs a 'path' column. Received columns: {list(frame.columns)}")
             files += [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in frame["path"]]
         else:
             files.append(str(path))  # missing files get a row that says so
+    if not files:
+        raise UserError(f"No image files found in --images {' '.join(map(str, inputs))} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}). Pass image files, folders holding them, or a CSV "
+                        "with a 'path' column.")
     return files
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.augment import AugmentConfig
+from toolkit.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = "quick"
@@ -27,7 +29,7 @@ CACHE_MODES = ("auto", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # see toolkit.distribute
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     pass
 
 
@@ -75,6 +77,12 @@ class FinetuneConfig:
         from toolkit import backbones
 
         backbones.get_spec(self.backbone)  # did-you-mean on a bad name
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{f.name} must be a finite number. Received: {f.name}={value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError(f"seed must be an integer >= 0. Received: seed={self.seed!r}")
         for name in ("batch_size", "head_epochs", "cache_views", "cache_view_budget"):
             _positive_int(self, name)
         for name in ("finetune_epochs", "warmup_epochs", "early_stopping_patience", "bottleneck", "image_size"):
@@ -86,10 +94,13 @@ class FinetuneConfig:
         for name in ("head_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise RecipeError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
-        for name, lo, hi in (("label_smoothing", 0, 1), ("dropout", 0, 1), ("val_fraction", 0, 1)):
+        for name, lo, hi in (("label_smoothing", 0, 1), ("dropout", 0, 1)):
             value = getattr(self, name)
             if not lo <= value < hi:
                 raise RecipeError(f"{name} must be in [{lo}, {hi}). Received: {name}={value!r}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError(f"val_fraction must be in (0, 1): both sides of the split need images. "
+                              f"Received: val_fraction={self.val_fraction!r}")
         if not 0 < self.crop_fraction <= 1:
             raise RecipeError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
         if not 0 < self.stage_lr_decay <= 1:
@@ -242,3 +253,17 @@ def config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     augment = _check_table("run recipe [augment]", values.pop("augment", {}), AugmentConfig)
     checked = _check_table("run recipe", values, FinetuneConfig, skip=frozenset({"augment"}))
     return FinetuneConfig(**checked, augment=AugmentConfig(**augment))
+
+
+def load_config(path: Path) -> FinetuneConfig:
+    """A run folder's ``recipe.toml``, read and validated; a damaged one is a user error naming it."""
+    try:
+        values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc}); restore it, or start a new run with --out") from None
+    try:
+        config = config_from_dict(values)
+        config.validate()
+    except (RecipeError, TypeError) as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return config

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -83,6 +85,30 @@ def _sniff(data: bytes) -> str:
         return "not an image: unrecognised binary data"
 
 
+def _not_a_regular_file(path: str) -> str:
+    """Why ``path`` cannot be read as an image file without risk ("" if it can).
+
+    Only regular files are opened: reading a named pipe blocks until something writes to it,
+    and a device can stream forever. Symbolic links count as what they point to.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"symbolic link to {os.readlink(path)!r}, which does not exist"
+        return "cannot read file: no such file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot read file: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return ""
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    return f"not an image file: {kind}"
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
@@ -97,6 +123,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def verify_file(path: str, converted_dir: Path) -> ImageRecord:
     """Decode ``path`` fully and decide how the pipeline should read it. Never raises."""
+    unreadable = _not_a_regular_file(path)
+    if unreadable:
+        return ImageRecord(path, False, unreadable)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:

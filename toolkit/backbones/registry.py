@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Callable, Literal
 
+from toolkit.errors import UserError
+
 if TYPE_CHECKING:  # keras is heavy; import it only where models are built
     import keras
 
@@ -61,7 +63,7 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(UserError):
     pass
 
 
