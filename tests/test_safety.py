@@ -405,3 +405,10 @@ def test_explain_on_an_extreme_aspect_ratio_stays_within_memory(run_copy, tmp_pa
     maxrss_gb = int(done.stdout.split("maxrss_kb")[1].split()[0]) / 2**20
     assert maxrss_gb < 3.0, maxrss_gb
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 < 3.0
+
+
+def test_evaluate_summary_names_what_it_counted(trained, run_copy, capsys, tmp_path):
+    data, _ = trained
+    assert main(["evaluate", "--model", str(run_copy), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "on 12 images (all of --data)" in out, out

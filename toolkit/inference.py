@@ -42,8 +42,9 @@ TTA_MODES = ("none", "flip", "5crop", "10crop", "full")
 ENSEMBLE_FILE = runs.ENSEMBLE_FILE
 # The whole-image view (``--tta full``, ``explain``) has its shorter side at size / crop_fraction; an image
 # of extreme aspect ratio (20000x100) would become a 51200x256 input and tens of GB of activations, so the
-# view is scaled down further to hold at most this many pixels (16 of the 256x256 standard views).
-WHOLE_IMAGE_MAX_PIXELS = 16 * 256 * 256
+# view is scaled down further to hold at most this many pixels (4 of the 256x256 standard views: a 4:1
+# panorama still fits whole).
+WHOLE_IMAGE_MAX_PIXELS = 4 * 256 * 256
 
 
 class ModelMismatchError(UserError):
