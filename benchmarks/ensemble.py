@@ -33,7 +33,7 @@ def main() -> None:
 
     from toolkit.calibration import expected_calibration_error
     from toolkit.datasets import load_splits
-    from toolkit.finetune import finetune_ensemble
+    from toolkit.ensemble import finetune_ensemble
     from toolkit.inference import load_models, predict_ensemble, predict_member
     from toolkit.recipes import build_config
 

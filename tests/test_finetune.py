@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.finetune import AccuracyGateError, class_weights, finetune, stage_lr_multipliers
+from toolkit.finetune import AccuracyGateError, finetune
+from toolkit.fit_data import class_weights
+from toolkit.stages import stage_lr_multipliers
 from toolkit.freeze import plan_freeze
 from toolkit.recipes import RecipeError, build_config, read_recipe
 
@@ -45,7 +47,7 @@ def test_layerwise_learning_rates_apply_with_and_without_a_strategy(distributed)
     import keras
     import tensorflow as tf
 
-    from toolkit.finetune import _layerwise_adam
+    from toolkit.stages import LayerwiseAdam
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed else tf.distribute.get_strategy()
     with strategy.scope():
@@ -54,7 +56,7 @@ def test_layerwise_learning_rates_apply_with_and_without_a_strategy(distributed)
         high = keras.layers.Dense(2, name="high")
         model = keras.Model(inputs, high(low(inputs)))
         multipliers = {v.path: 0.0 for v in low.trainable_weights}
-        model.compile(optimizer=_layerwise_adam(multipliers=multipliers, learning_rate=0.1), loss="mse")
+        model.compile(optimizer=LayerwiseAdam(multipliers=multipliers, learning_rate=0.1), loss="mse")
     before = [w.copy() for w in model.get_weights()]
     x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
     model.fit(x, np.ones((16, 2), "float32"), epochs=1, batch_size=8, verbose=0)
@@ -206,13 +208,16 @@ def test_accuracy_gate_fails_the_run_but_keeps_the_model(sample_data, tmp_path, 
 
 
 def test_recipes_shipped_parse_and_state_their_expected_result():
-    for path in sorted((REPO / "recipes").glob("*.toml")):
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("#"), path
-        text = path.read_text()
-        assert "toolkit finetune" in text and "Expected result" in text, path
-        read_recipe(path)
-    assert {p.stem for p in (REPO / "recipes").glob("*.toml")} >= {"quick", "small-data", "accurate"}
+    from toolkit.recipes import RECIPE_DIR, recipe_names
+
+    assert set(recipe_names()) >= {"quick", "small-data", "accurate"}
+    for name in recipe_names():
+        text = (RECIPE_DIR / f"{name}.toml").read_text()
+        assert text.splitlines()[0].startswith("#"), name
+        assert "toolkit finetune" in text and "Expected result" in text, name
+        read_recipe(name)
+    with pytest.raises(RecipeError, match=r"unknown recipe 'quik'. Did you mean 'quick'\?.*accurate, quick, small-data"):
+        read_recipe("quik")
 
 
 def test_recipe_errors_name_the_key_and_the_allowed_values(tmp_path):
@@ -232,7 +237,7 @@ def test_recipe_errors_name_the_key_and_the_allowed_values(tmp_path):
     bad.write_text('[augment]\nflipp = true\n')
     with pytest.raises(RecipeError, match=r"unknown key 'flipp'. Did you mean 'flip'"):
         read_recipe(bad)
-    with pytest.raises(RecipeError, match=r"unknown key 'quik'. Did you mean 'quick'"):
+    with pytest.raises(RecipeError, match=r"unknown recipe 'quik'. Did you mean 'quick'"):
         build_config("quik", {"data": "x"})
 
 

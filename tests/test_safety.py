@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.badinput import photo, photo_tree
+from tests.badinput import photo_tree
 from toolkit import runs
 from toolkit.cli import main
 

@@ -11,48 +11,15 @@ Images are float32 RGB in [0, 255] unless stated otherwise.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from toolkit.config import AugmentConfig
+
 logger = logging.getLogger(__name__)
-
-CROP_MODES = ("random_resized", "resize_crop", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation; every op has its parameters here and can be switched off."""
-
-    crop: str = "random_resized"  # one of CROP_MODES
-    crop_scale: tuple[float, float] = (0.25, 1.0)  # random_resized: area fraction range
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized: aspect range
-    resize_crop_fraction: float = 0.875  # resize_crop: crop/resize, 224/256 as in AlexNet/VGG
-    flip: bool = True
-    colour_shift: float = 20.0  # max per-channel offset; 0 switches it off
-    pca_sigma: float = 0.1  # std of AlexNet PCA alphas; 0 switches it off
-
-    def validate(self) -> None:
-        if self.crop not in CROP_MODES:
-            raise ValueError(f"Unknown crop mode. Received: crop={self.crop!r}; allowed: {', '.join(CROP_MODES)}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1. Received: crop_scale={self.crop_scale!r}")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi:
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max. Received: crop_ratio={self.crop_ratio!r}")
-        if not 0 < self.resize_crop_fraction <= 1:
-            raise ValueError(
-                f"resize_crop_fraction must be in (0, 1]. Received: resize_crop_fraction={self.resize_crop_fraction!r}"
-            )
-        if self.colour_shift < 0:
-            raise ValueError(f"colour_shift must be >= 0. Received: colour_shift={self.colour_shift!r}")
-        if self.pca_sigma < 0:
-            raise ValueError(f"pca_sigma must be >= 0. Received: pca_sigma={self.pca_sigma!r}")
-
 
 # ----------------------------------------------------------------------------- crop windows
 

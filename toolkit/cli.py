@@ -9,22 +9,21 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 logger = logging.getLogger("toolkit")
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up chatter (absl INFO lines) hidden.
+def _import_tensorflow_quietly(verbose: bool) -> None:
+    """Import TensorFlow with its C++ chatter (oneDNN, cudart_stub, cpu_feature_guard, cuInit) hidden.
 
-    Those lines are written to file descriptor 2 before any log level applies,
-    and bury the messages users need to read. Python errors still surface: an
-    exception raised by the import propagates after stderr is restored.
+    Some of those lines are written to file descriptor 2 before any log level applies, and
+    they bury the messages users need to read. ``-v`` shows them all. Python errors still
+    surface: an exception raised by the import propagates after stderr is restored.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if os.environ.get("TOOLKIT_TF_CHATTER") or "tensorflow" in sys.modules:
+    if verbose or os.environ.get("TOOLKIT_TF_CHATTER") or "tensorflow" in sys.modules:
         return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -36,14 +35,11 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.getLogger("toolkit").setLevel(logging.DEBUG if verbose else logging.INFO)
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("toolkit").setLevel(level)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -71,34 +67,40 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from toolkit.finetune import AccuracyGateError, finetune
+    from toolkit.finetune import AccuracyGateError, finetune, resume
 
-    verbose = 1 if sys.stdout.isatty() else 2
-    if args.resume:
-        _refuse_flags_with_resume(args)
-    if args.ensemble or (args.resume and (Path(args.resume) / "ensemble.json").is_file()):
-        return _finetune_ensemble(args, verbose)
-    if args.resume:
-        result_kwargs = {"resume": args.resume}
-    else:
-        result_kwargs = {"config": _config_from_args(args), "out": args.out, "overwrite": args.overwrite}
+    verbose = 0 if args.quiet else 1 if sys.stdout.isatty() else 2
     try:
-        result = finetune(verbose=verbose, **result_kwargs)
+        if args.resume:
+            _refuse_flags_with_resume(args)
+            result = resume(args.resume, verbose=verbose)
+        elif args.ensemble:
+            from toolkit.ensemble import finetune_ensemble
+
+            result = finetune_ensemble(_config_from_args(args), args.ensemble, out=args.out, overwrite=args.overwrite,
+                                       verbose=verbose)
+        else:
+            result = finetune(_config_from_args(args), out=args.out, overwrite=args.overwrite, verbose=verbose)
     except AccuracyGateError as exc:
         print(f"toolkit finetune: accuracy gate failed: {exc}", file=sys.stderr)
         return 3
-    print(f"freeze plan: {result.plan.describe()}")
-    print(f"validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
-    print(f"run folder: {result.run_dir}")
+    for name, accuracy in result.members.items():
+        print(f"member {name}: validation accuracy {accuracy:.4f}")
+    if result.plan is not None:
+        print(f"freeze plan: {result.plan.describe()}")
+    kind = "ensemble " if result.members else ""
+    print(f"{kind}validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
+    print(f"{kind or 'run '}folder: {result.run_dir}")
     return 0
 
 
 def _refuse_flags_with_resume(args: argparse.Namespace) -> None:
     """--resume continues a run exactly as recorded in its recipe.toml: other settings would be ignored."""
+    from toolkit.cli_flags import given_settings
     from toolkit.errors import UserError
 
-    given = [f"--{key.replace('_', '-')}" for key in _FINETUNE_OVERRIDES + ("data", "recipe", "out", "ensemble")
-             if getattr(args, key) is not None] + (["--overwrite"] if args.overwrite else [])
+    given = [f"--{key}" for key in ("data", "recipe", "out", "ensemble") if getattr(args, key) is not None]
+    given += given_settings(args) + (["--overwrite"] if args.overwrite else [])
     if given:
         raise UserError(f"--resume continues {args.resume!r} with the settings in its recipe.toml; it takes no other "
                         f"settings. Received: {', '.join(given)}. Drop them, or start a new run with --out to change "
@@ -107,39 +109,18 @@ def _refuse_flags_with_resume(args: argparse.Namespace) -> None:
 
 def _config_from_args(args: argparse.Namespace):
     """The recipe, with the flags given on the command line on top."""
+    from toolkit.cli_flags import overrides_from_args
     from toolkit.errors import UserError
-    from toolkit.recipes import build_config
+    from toolkit.recipes import build_config, read_recipe
 
     if not args.data:
         raise UserError("finetune needs --data (or --resume RUN). Received: data=None")
-    overrides = {key: getattr(args, key) for key in _FINETUNE_OVERRIDES} | {"data": args.data}
+    overrides = overrides_from_args(args, read_recipe(args.recipe or "quick")) | {"data": args.data}
     return build_config(args.recipe, overrides)
 
 
-def _finetune_ensemble(args: argparse.Namespace, verbose: int) -> int:
-    from toolkit.finetune import finetune_ensemble
-
-    if args.resume:
-        result = finetune_ensemble(None, "", resume=args.resume, verbose=verbose)
-    else:
-        result = finetune_ensemble(_config_from_args(args), args.ensemble, out=args.out, overwrite=args.overwrite, verbose=verbose)
-    for name, acc in result["members"].items():
-        print(f"member {name}: validation accuracy {acc:.4f}")
-    print(f"ensemble validation accuracy: {result['val_accuracy']:.4f} ({result['n_val']} images)")
-    print(f"ensemble folder: {result['run_dir']}")
-    return 0
-
-
-# Flags that override recipe values (None when not given on the command line).
-_FINETUNE_OVERRIDES = (
-    "backbone", "weights", "image_size", "batch_size", "freeze", "head_epochs", "head_lr", "finetune_epochs",
-    "finetune_lr", "label_smoothing", "dropout", "bottleneck", "class_weights", "cache_features", "val_fraction",
-    "seed", "min_accuracy", "mixed_precision", "strategy", "data_service",
-)
-
-
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from toolkit.recipes import STRATEGIES
+    from toolkit.cli_flags import add_setting_flags
 
     p = sub.add_parser(
         "finetune",
@@ -158,43 +139,15 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", help="dataset folder or CSV manifest (see above)")
-    p.add_argument("--recipe", default=None, help="recipe name in recipes/ (quick, small-data, accurate) or a TOML "
-                   "path (default: quick)")
+    p.add_argument("--recipe", default=None, help="a recipe shipped with toolkit (quick, small-data, accurate) or a "
+                   "TOML file's path (default: quick)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<backbone>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run (or ensemble folder) "
                    "from its last finished epoch")
     p.add_argument("--ensemble", metavar="SPEC", default=None, help="train independent members into one ensemble "
                    "folder: comma-separated backbones (mobilenet_v2,efficientnet_lite0) or a number of seeds (3)")
-    g = p.add_argument_group("recipe overrides (default: the recipe's value)")
-    g.add_argument("--backbone", help="backbone name; `toolkit backbones` lists them")
-    g.add_argument("--weights", help="'imagenet', 'none' for random init, or a path to a Keras weights "
-                   "file (or torch .pth for mobilenet_v2 / efficientnet_lite*)")
-    g.add_argument("--freeze", help="auto (from the data, see README), all (head only), none (all stages train), a "
-                   "fraction of stages to unfreeze in [0, 1], or a stage name (it and those above train)")
-    g.add_argument("--image-size", type=int, help="input size in pixels (0: the backbone's own)")
-    g.add_argument("--batch-size", type=int, help="images per batch")
-    g.add_argument("--head-epochs", type=int, help="maximum epochs of stage 1 (head)")
-    g.add_argument("--head-lr", type=float, help="Adam learning rate of stage 1")
-    g.add_argument("--finetune-epochs", type=int, help="maximum epochs of stage 2 (unfrozen stages)")
-    g.add_argument("--finetune-lr", type=float, help="peak learning rate of stage 2 (top stage)")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
-    g.add_argument("--dropout", type=float, help="dropout before the class maps")
-    g.add_argument("--bottleneck", type=int, help="channels of the head's 1x1 bottleneck conv (0: none)")
-    g.add_argument("--class-weights", choices=("auto", "on", "off"), help="inverse-frequency class weights "
-                   "(auto: on past 3:1 imbalance)")
-    g.add_argument("--cache-features", choices=("auto", "off"), help="train the head on cached backbone features")
-    g.add_argument("--val-fraction", type=float, help="held-out fraction when DATA has no validation split")
-    g.add_argument("--seed", type=int, help="seed for the split, augmentation and initialisation")
-    g.add_argument("--min-accuracy", type=float, help="exit with status 3 if the final validation accuracy is below this")
-    g.add_argument("--mixed-precision", action="store_const", const=True, help="float16 compute (GPUs)")
-    g.add_argument("--strategy", choices=STRATEGIES,
-                   help="tf.distribute strategy: auto (mirrored over >1 GPU, else default), default (one device), "
-                   "mirrored (all local GPUs), multi-worker (one process per machine, configured by TF_CONFIG; "
-                   "needs --out on a shared filesystem). --batch-size is per replica; learning rates scale "
-                   "linearly with the replicas")
-    g.add_argument("--data-service", metavar="grpc://HOST:PORT", help="decode and augment training images on "
-                   "tf.data service workers (`toolkit data-service`) registered with this dispatcher")
+    add_setting_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -410,11 +363,16 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from toolkit.cli_flags import SuggestingParser
+
+    parser = SuggestingParser(
         prog="toolkit",
         description="Transfer learning for small-data image classification (Keras 3 / TensorFlow).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logging, TensorFlow's own log lines, and "
+                       "the traceback of an error")
+    noise.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the result")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
     _add_inference(sub)
@@ -434,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
-    _import_tensorflow_quietly()
+    _configure_logging(args.verbose, args.quiet)
+    _import_tensorflow_quietly(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     from toolkit.errors import UserError
 

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from toolkit.pipeline import finish
-from toolkit.recipes import STRATEGIES
+from toolkit.config import STRATEGIES
 
 logger = logging.getLogger(__name__)
 

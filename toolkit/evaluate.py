@@ -70,6 +70,7 @@ def evaluation_split(data: str | Path):
 def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none", weights=None,
              overwrite: bool = False, batch_size: int = 32, verbose: int = 1) -> dict[str, Any]:
     from toolkit.errors import UserError
+    from toolkit.figures import mistakes_png
     from toolkit.inference import load_models, predict_ensemble
 
     inputs = {"--model": list(models), "--data": [data]}
@@ -97,38 +98,22 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
         runs.write_json(stage / runs.METRICS_FILE, metrics)
         _write_confusion(stage, np.asarray(metrics["confusion_matrix"]), class_names)
         _write_predictions(stage, split.paths, probs, labels, class_names)
-        _mistake_gallery(stage / "mistakes.png", split.decode_paths, probs, labels, class_names)
+        runs.write_bytes(stage / "mistakes.png", mistakes_png(split.decode_paths, probs, labels, class_names))
     logger.info("evaluate: accuracy %.4f on %d images (%s; %s TTA); written to %s", metrics["accuracy"], metrics["n"],
                 which, tta, out)
     return metrics
 
 
 def _write_confusion(out: Path, confusion: np.ndarray, class_names: Sequence[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    from toolkit.figures import confusion_png
 
     frame = pd.DataFrame(confusion, index=[f"true_{c}" for c in class_names], columns=[f"pred_{c}" for c in class_names])
     buffer = io.StringIO()
     frame.to_csv(buffer)
     runs.write_text(out / "confusion_matrix.csv", buffer.getvalue())
-    n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 1.0 + 0.6 * n))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(confusion[i, j]), ha="center", va="center",
-                    color="white" if confusion[i, j] > confusion.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    with runs.atomic_path(out / "confusion_matrix.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    runs.write_bytes(out / "confusion_matrix.png", confusion_png(confusion, class_names))
 
 
 def _write_predictions(out: Path, paths, probs: np.ndarray, labels: np.ndarray, class_names) -> None:
@@ -143,33 +128,3 @@ def _write_predictions(out: Path, paths, probs: np.ndarray, labels: np.ndarray, 
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     runs.write_text(out / "predictions.csv", buffer.getvalue())
-
-
-def _mistake_gallery(target: Path, paths, probs: np.ndarray, labels: np.ndarray, class_names, count: int = 16) -> None:
-    """A grid of the most confident mistakes: the errors most worth a human look."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    predicted = probs.argmax(1)
-    wrong = np.flatnonzero(predicted != labels)
-    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:count]
-    cols = 4
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    if not len(wrong):
-        axes[0, 0].text(0, 0.5, "no mistakes", fontsize=14)
-    for ax, i in zip(axes.ravel(), wrong):
-        with Image.open(paths[i]) as im:
-            im.thumbnail((256, 256))
-            ax.imshow(np.asarray(im.convert("RGB")))
-        ax.set_title(f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i, predicted[i]]:.2f})",
-                     fontsize=9)
-    fig.tight_layout()
-    with runs.atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)

@@ -40,6 +40,8 @@ METRICS_FILE = "metrics.json"
 PCA_FILE = "pca.json"
 DATA_FILE = "data.json"
 REPORT_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"
+TENSORBOARD_DIR = "tensorboard"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 ENSEMBLE_FILE = "ensemble.json"
@@ -49,7 +51,8 @@ _COMMON = (MARKER, LOCK_FILE, ".tmp-*")
 # What the toolkit writes at the top of each kind of folder; --overwrite refuses a folder holding anything else.
 WRITTEN: dict[str, tuple[str, ...]] = {
     "run": _COMMON + (MODEL_FILE, RECIPE_FILE, STATE_FILE, CLASSES_FILE, CALIBRATION_FILE, METRICS_FILE, PCA_FILE,
-                      DATA_FILE, REPORT_FILE, HISTORY_FILE, CURVES_FILE, "*.weights.h5", CACHE_DIR),
+                      DATA_FILE, REPORT_FILE, REPORT_HTML_FILE, HISTORY_FILE, CURVES_FILE, "*.weights.h5", CACHE_DIR,
+                      TENSORBOARD_DIR),
     "ensemble": _COMMON + (ENSEMBLE_FILE, METRICS_FILE),  # and its member runs, each marked itself
     "evaluation": _COMMON + (METRICS_FILE, "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
                              "mistakes.png"),
@@ -285,6 +288,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 def write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(target: str | Path, obj: Any) -> None:

@@ -1,0 +1,118 @@
+"""Ensembles: independent members (backbones or seeds) trained one after another into one folder that
+``--model`` accepts as one model; the ensemble is evaluated and calibrated on the validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from toolkit import runs
+from toolkit.config import FinetuneConfig
+from toolkit.datasets import load_splits
+from toolkit.errors import UserError
+from toolkit.recipes import load_config
+from toolkit.run_state import FinetuneResult, create_run, load_checked_splits, prepare_config, read_state
+
+logger = logging.getLogger(__name__)
+
+
+def finetune_ensemble(
+    config: FinetuneConfig | None,
+    members: str,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    verbose: int = 1,
+) -> FinetuneResult:
+    """Train independent members into one ensemble folder that ``--model`` accepts as one model.
+
+    ``members``: comma-separated backbone names (``mobilenet_v2,efficientnet_lite0``) or a number
+    of seeds of the configured backbone (``3``: seeds s, s+1, s+2).
+    """
+    from toolkit.calibration import calibrate
+    from toolkit.finetune import resume as resume_run
+    from toolkit.inference import load_models, predict_ensemble
+
+    if resume is not None:
+        folder = Path(resume)
+        spec = runs.read_json(folder / runs.ENSEMBLE_FILE, "It lists the ensemble's members: restore it, or start a new "
+                              "ensemble with --out.")
+    else:
+        if config is None:
+            raise UserError("finetune_ensemble needs a config or resume=FOLDER")
+        config = prepare_config(config)
+        if config.strategy == "multi-worker":
+            raise UserError("--ensemble trains its members one after another in one process; a multi-worker "
+                            "cluster cannot be set up more than once per process. Received: strategy='multi-worker'; "
+                            "train each member with its own `toolkit finetune --strategy multi-worker --out` instead")
+        variants = _ensemble_variants(config, members)
+        target = Path(out or runs.default_run_dir("ensemble"))
+        runs.check_apart(target, {"--data": [config.data]})
+        runs.check_replaceable(target, overwrite)
+        load_checked_splits(config, progress=verbose > 0)  # the data can train, before any folder exists
+        folder = runs.prepare_run_dir(target, overwrite, "ensemble")
+        names = []
+        for i, variant in enumerate(variants, start=1):
+            name = f"{i}-{variant.backbone}-seed{variant.seed}"
+            create_run(variant, folder / name)
+            names.append(name)
+        spec = {"members": names, "weights": [1.0] * len(names)}
+        if folder != target:
+            spec["replaces"] = str(target.resolve())
+        runs.write_json(folder / runs.ENSEMBLE_FILE, spec)
+    member_metrics = {}
+    for name in spec["members"]:
+        member_dir = folder / name
+        if read_state(member_dir, resuming=False).finished:
+            member_metrics[name] = runs.read_json(member_dir / runs.METRICS_FILE, "Train the member again: delete "
+                                                  "its folder's state.json, then resume.")
+            continue
+        logger.info("ensemble: training member %s", name)
+        try:
+            member_metrics[name] = resume_run(member_dir, verbose=verbose).metrics
+        except UserError:
+            if resume is None and not member_metrics and not (member_dir / runs.STATE_FILE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # nothing trained yet: leave no folder behind
+            raise
+
+    # The ensemble on the validation split (members share data and seed of the split).
+    first = load_config(folder / spec["members"][0] / runs.RECIPE_FILE)
+    splits = load_splits(first.data, first.val_fraction, first.seed)
+    models = load_models([folder])
+    probs = predict_ensemble(models, splits.val.decode_paths, splits.val.is_jpeg)
+    labels = np.asarray(splits.val.labels)
+    metrics = {
+        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        "n_val": int(len(labels)),
+        "members": {name: m["val_accuracy"] for name, m in member_metrics.items()},
+        "calibration": calibrate(probs, labels),
+    }
+    runs.write_json(folder / runs.METRICS_FILE, metrics)
+    if spec.get("replaces"):
+        staged, folder = folder, Path(spec["replaces"])
+        runs.replace_dir(staged, folder)
+    logger.info("ensemble: validation accuracy %.4f (members: %s); written to %s", metrics["val_accuracy"],
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics["members"].items()), folder)
+    return FinetuneResult(folder, metrics, members=metrics["members"])
+
+
+def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneConfig]:
+    from toolkit import backbones as registry
+
+    members = members.strip()
+    if members.isdigit():
+        count = int(members)
+        if count < 2:
+            raise UserError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+        return [dataclasses.replace(config, seed=config.seed + i) for i in range(count)]
+    names = [m.strip() for m in members.split(",") if m.strip()]
+    if len(names) < 2:
+        raise UserError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
+    for name in names:
+        registry.get_spec(name)  # did-you-mean
+    return [dataclasses.replace(config, backbone=name, image_size=0 if name != config.backbone else config.image_size)
+            for name in names]

@@ -1,0 +1,164 @@
+"""Training one stage: the layer-wise optimizer, the warm-up + cosine schedule, per-epoch checkpoints
+with early stopping, resuming a partial stage, and keeping the better of the two stages."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from toolkit import runs
+from toolkit.errors import UserError
+from toolkit.freeze import FreezePlan
+from toolkit.run_state import Run, Stage
+
+logger = logging.getLogger(__name__)
+
+def stage_lr_multipliers(stage_of_layer: list[int], plan: FreezePlan, decay: float) -> list[float]:
+    """Learning-rate multiplier of each backbone layer: 1 for the top stage, decay per stage below."""
+    top = plan.total - 1
+    return [decay ** (top - s) if s >= plan.first_trainable_stage else 0.0 for s in stage_of_layer]
+
+
+def stage_of_layers(n_layers: int, stage_ends: list[int]) -> list[int]:
+    out, stage = [], 0
+    for index in range(n_layers):
+        while stage < len(stage_ends) - 1 and index > stage_ends[stage]:
+            stage += 1
+        out.append(stage)
+    return out
+
+
+class LayerwiseAdam(keras.optimizers.Adam):
+    """Adam whose learning rate is scaled per variable (discriminative fine-tuning).
+
+    Keras optimizers apply one schedule to every variable; ``update_step`` is called per
+    variable with the current rate, so scaling it there gives each stage its own multiple of
+    the shared warm-up + cosine schedule.
+    """
+
+    def __init__(self, multipliers: dict[str, float], **kw):
+        super().__init__(**kw)
+        self.multipliers = multipliers  # by variable path
+        self._by_index: list[float] = []
+
+    def build(self, var_list):
+        # Under a tf.distribute strategy update_step receives each replica's tf.Variable, which has no
+        # Keras path; the optimizer's own variable index (what Adam uses for its moments) works for both.
+        super().build(var_list)
+        self._by_index = [self.multipliers.get(v.path, 1.0) for v in var_list]
+
+    def update_step(self, gradient, variable, learning_rate):
+        m = self._by_index[self._get_variable_index(variable)]
+        return super().update_step(gradient, variable, learning_rate * m if m != 1.0 else learning_rate)
+
+
+def finetune_optimizer(multipliers: dict[str, float], peak_lr: float, epochs: int, warmup_epochs: int,
+                       steps: int) -> LayerwiseAdam:
+    """Stage 2's optimizer: per-stage multiples of a linear warm-up then cosine decay."""
+    warmup = min(warmup_epochs, epochs) * steps
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, max(epochs * steps - warmup, 1), warmup_target=peak_lr,
+                                                      warmup_steps=warmup)
+    return LayerwiseAdam(multipliers=multipliers, learning_rate=schedule)
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """After every epoch: history, early stopping, best and last weights, run state -- atomically."""
+
+    def __init__(self, run: Run, stage: Stage):
+        super().__init__()
+        self.run, self.stage = run, stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        s, folder = self.run.state.stage(self.stage), self.run.dir
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        s.history.append({"stage": self.stage.value, "epoch": epoch + 1, **logs})
+        val_loss = logs.get("val_loss", math.inf)
+        if val_loss < s.best_loss:
+            s.best_loss, s.best_epoch, s.wait = val_loss, epoch + 1, 0
+            with runs.atomic_path(self.stage.best_weights(folder)) as tmp:
+                self.model.save_weights(tmp)
+        else:
+            s.wait += 1
+        with runs.atomic_path(self.stage.last_weights(folder)) as tmp:
+            self.model.save_weights(tmp)
+        s.epochs_done = epoch + 1
+        self.run.save_state()
+        if s.wait >= self.run.config.early_stopping_patience:
+            logger.info("%s: early stop after epoch %d (best epoch %d)", self.stage.value, epoch + 1, s.best_epoch)
+            self.model.stop_training = True
+
+
+def _tensorboard(run: Run, stage: Stage) -> list:
+    """Keras' TensorBoard callback, writing under RUN/tensorboard/<stage> (needs the tensorboard package)."""
+    if importlib.util.find_spec("tensorboard") is None:  # TensorFlow >= 2.21 writes summaries only with it
+        logger.debug("no TensorBoard logs: pip install \"toolkit[tensorboard]\" to have them")
+        return []
+    return [keras.callbacks.TensorBoard(str(run.dir / runs.TENSORBOARD_DIR / stage.value), write_graph=False,
+                                        profile_batch=0)]
+
+
+def fit_stage(run: Run, stage: Stage, model, train: tuple[Any, int], val: tuple[Any, int | None], epochs: int) -> None:
+    """model.fit with per-epoch checkpoints and early stopping; resumes a partial stage.
+
+    ``train`` and ``val`` are (dataset, steps per epoch). The steps are passed to ``fit``
+    under a strategy, whose training datasets repeat so that every worker runs the same
+    number of steps.
+    """
+    (train_ds, steps), (val_ds, val_steps) = train, val
+    s = run.state.stage(stage)
+    if s.done:
+        load_model_weights(model, stage.best_weights(run.dir))
+        return
+    if s.epochs_done:
+        logger.info("%s: resuming after epoch %d", stage.value, s.epochs_done)
+        model.optimizer.build(model.trainable_variables)  # built first, so its moments load too
+        load_checkpoint(model.load_weights, stage.last_weights(run.dir))
+        model.optimizer.iterations.assign(s.epochs_done * steps)  # the schedule continues where it was
+    if s.epochs_done < epochs and s.wait < run.config.early_stopping_patience:
+        callbacks = [TrainingCheckpoint(run, stage)] + (_tensorboard(run, stage) if run.scale.is_chief else [])
+        model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=s.epochs_done,
+                  steps_per_epoch=steps if run.scale.distributed else None, validation_steps=val_steps,
+                  callbacks=callbacks, verbose=run.verbose if run.scale.is_chief else 0,
+                  shuffle=False)  # tf.data shuffles, with the run's seed
+    if stage.best_weights(run.dir).is_file():
+        load_checkpoint(model.load_weights, stage.best_weights(run.dir))
+    s.done = True
+    run.save_state()
+
+
+def keep_better_stage(run: Run, model, stage1_weights: Path) -> Stage:
+    """Early stopping across both stages: stage 2's best epoch is kept only if it beat stage 1's.
+
+    Each stage restores its own best epoch; when fine-tuning never lowered the validation loss
+    below what the head alone reached, the stage-1 classifier is the best epoch of the run.
+    """
+    head_loss, tuned_loss = run.state.stage(Stage.HEAD).best_loss, run.state.stage(Stage.FINETUNE).best_loss
+    if tuned_loss < head_loss:
+        return Stage.FINETUNE
+    logger.info("stage 2 did not lower the validation loss (best %.4f vs %.4f after stage 1): keeping the stage-1 "
+                "classifier", tuned_loss, head_loss)
+    load_model_weights(model, stage1_weights)
+    return Stage.HEAD
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Load a checkpoint's model weights where the optimizer state does not matter (a finished stage)."""
+    with warnings.catch_warnings():  # optimizer built or not, saved with or without one: Keras warns, harmlessly
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        load_checkpoint(model.load_weights, path)
+
+
+def load_checkpoint(load, path: Path) -> None:
+    """``load(path)`` (a Keras weights loader); a missing or damaged checkpoint is a user error naming it."""
+    try:
+        load(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}): the "
+                        "checkpoint is missing, truncated or corrupt, so the run cannot resume from it. Start a "
+                        "new run with --out.") from None
