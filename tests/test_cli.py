@@ -82,3 +82,66 @@ def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, t
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "model.keras").stat().st_mtime_ns == before
+
+
+def test_help_and_argument_errors_do_not_import_tensorflow():
+    """`toolkit --help`, each command's --help and a bad flag: no TensorFlow import, no C++ log line."""
+    code = ("import sys; from toolkit.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('TF_LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'TF_ABSENT')")
+    for argv in (["--help"], ["finetune", "--help"], ["predict", "--help"], ["inspect", "--help"],
+                 ["finetune", "--data", "x", "--head-epoks", "3"]):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert "TF_ABSENT" in done.stdout, (argv, done.stdout[-300:])
+        assert "I0000" not in done.stderr and "oneDNN" not in done.stderr, done.stderr
+    assert "did you mean --head-epochs?" in done.stderr
+
+
+def test_every_setting_is_a_flag_and_set_takes_dotted_keys():
+    import dataclasses
+
+    from toolkit.cli_flags import parse_set, setting_keys
+    from toolkit.config import FinetuneConfig
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    for key in setting_keys():
+        flag = "--" + key.replace("_", "-")
+        assert flag in help_text, flag
+    assert "--augment.pca-sigma" in help_text and "--epochs" in help_text and "--lr" in help_text
+    assert len(setting_keys()) == len(dataclasses.fields(FinetuneConfig)) - 1 + 7  # augment's 7 fields
+    assert parse_set(["augment.pca_sigma=0.2", "augment.flip=false", "backbone=efficientnet_lite0",
+                      "augment.crop_scale=[0.5, 1.0]"]) == {"augment.pca_sigma": 0.2, "augment.flip": False,
+                                                            "backbone": "efficientnet_lite0",
+                                                            "augment.crop_scale": [0.5, 1.0]}
+    with pytest.raises(ValueError, match="unknown key 'augment.pca_sigm'. Did you mean 'augment.pca_sigma'"):
+        parse_set(["augment.pca_sigm=0.2"])
+
+
+@pytest.mark.slow
+def test_set_epochs_and_lr_reach_the_run_recipe(sample_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "finetune", "--data", str(sample_data), "--epochs", "1", "--set", "augment.pca_sigma=0.2",
+                 "--lr", "0.002", "--img-size", "64", "--no-augment.flip", "--out", str(out)]) == 0
+    recipe = tomllib.loads((out / "recipe.toml").read_text())
+    assert recipe["augment"]["pca_sigma"] == 0.2 and recipe["augment"]["flip"] is False
+    assert recipe["head_epochs"] == 1 and recipe["finetune_epochs"] == 1 and recipe["image_size"] == 64
+    assert recipe["head_lr"] == 0.002 and recipe["finetune_lr"] == pytest.approx(0.002 * 1e-4 / 5e-4)  # quick's ratio
+    assert capsys.readouterr().err.count("INFO") == 0  # -q: warnings and the result only
+    # report.html: one self-contained page, every image embedded
+    from html.parser import HTMLParser
+
+    class Images(HTMLParser):
+        sources: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.sources.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed((out / "report.html").read_text())
+    assert len(parser.sources) == 3 and all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    import base64
+
+    for src in parser.sources:
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert list((out / "tensorboard" / "head").rglob("events.out.tfevents.*"))

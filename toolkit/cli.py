@@ -46,6 +46,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
+    """List registered backbones: name, parameters (without the ImageNet classifier), default input size,
+    ImageNet top-1 (%), whether their ImageNet weights can be loaded on this machine now (installed
+    offline package, Keras cache, or a download is needed), and family."""
     from toolkit import backbones
 
     rows = []
@@ -67,6 +70,17 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Train an image classifier from a pretrained backbone. DATA is a folder with one sub-folder per
+    class, a folder with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per
+    class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV). Without a
+    validation split, a stratified split of --val-fraction is held out. Every image is verified by
+    decoding; unusable files are skipped and listed. Stage 1 trains a Network-in-Network head (1x1 conv
+    per class + global average pooling) on the frozen backbone, on cached features; stage 2 fine-tunes
+    the stages the freeze plan unfreezes. Settings come from --recipe; flags given here override it.
+    Every recipe key is a flag (--head-epochs; --augment.pca-sigma) and can be set with --set KEY=VALUE.
+    Writes model.keras, recipe.toml, classes.json, pca.json, history.csv, curves.png, metrics.json,
+    data.json, calibration.json, report.md, report.html and tensorboard/ into the run folder. Exit
+    status: 0 done, 2 bad input, 3 accuracy gate failed."""
     from toolkit.finetune import AccuracyGateError, finetune, resume
 
     verbose = 0 if args.quiet else 1 if sys.stdout.isatty() else 2
@@ -120,24 +134,9 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from toolkit.cli_flags import add_setting_flags
+    from toolkit.cli_flags import add_setting_flags, subcommand
 
-    p = sub.add_parser(
-        "finetune",
-        help="train a classifier on a folder of labelled images",
-        description=(
-            "Train an image classifier from a pretrained backbone. DATA is a folder with one sub-folder per "
-            "class, a folder with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per "
-            "class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV). Without a "
-            "validation split, a stratified split of --val-fraction is held out. Every image is verified by "
-            "decoding; unusable files are skipped and listed. Stage 1 trains a Network-in-Network head (1x1 conv "
-            "per class + global average pooling) on the frozen backbone, on cached features; stage 2 fine-tunes "
-            "the stages the freeze plan unfreezes. Settings come from --recipe; flags given here override it. "
-            "Writes model.keras, recipe.toml, classes.json, pca.json, history.csv, curves.png, metrics.json, "
-            "data.json, calibration.json and report.md into the run folder. Exit status: 0 done, 2 bad input, "
-            "3 accuracy gate failed."
-        ),
-    )
+    p = subcommand(sub, "finetune", _cmd_finetune, "train a classifier on a folder of labelled images")
     p.add_argument("--data", help="dataset folder or CSV manifest (see above)")
     p.add_argument("--recipe", default=None, help="a recipe shipped with toolkit (quick, small-data, accurate) or a "
                    "TOML file's path (default: quick)")
@@ -148,13 +147,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", metavar="SPEC", default=None, help="train independent members into one ensemble "
                    "folder: comma-separated backbones (mobilenet_v2,efficientnet_lite0) or a number of seeds (3)")
     add_setting_flags(p)
-    p.set_defaults(func=_cmd_finetune)
 
 
 # ----------------------------------------------------------------------------- data-service
 
 
 def _cmd_data_service(args: argparse.Namespace) -> int:
+    """Offload image decoding and augmentation to other machines' CPUs when the training machine's CPU is
+    the bottleneck. Start one dispatcher and any number of workers (they must see the data at the same
+    paths), then train with `toolkit finetune --data-service grpc://DISPATCHER:PORT`. Runs until
+    interrupted."""
     from toolkit import distribute
 
     if args.role == "dispatcher":
@@ -172,27 +174,26 @@ def _cmd_data_service(args: argparse.Namespace) -> int:
 
 
 def _add_data_service(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "data-service",
-        help="run a tf.data service dispatcher or worker for offloaded input preprocessing",
-        description="Offload image decoding and augmentation to other machines' CPUs when the training machine's "
-        "CPU is the bottleneck. Start one dispatcher and any number of workers (they must see the data at the same "
-        "paths), then train with `toolkit finetune --data-service grpc://DISPATCHER:PORT`. Runs until interrupted.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from toolkit.cli_flags import subcommand
+
+    p = subcommand(sub, "data-service", _cmd_data_service,
+                   "run a tf.data service dispatcher or worker for offloaded input preprocessing", show_defaults=True)
     p.add_argument("role", choices=("dispatcher", "worker"))
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     p.add_argument("--dispatcher", help="worker: the dispatcher's grpc://HOST:PORT")
     p.add_argument("--host", default="localhost", help="worker: the host name the dispatcher and clients reach it by")
     p.add_argument("--work-dir", default="", help="dispatcher: folder for its journal (fault-tolerant restarts)")
-    p.set_defaults(func=_cmd_data_service)
 
 
 # ----------------------------------------------------------------------------- inspect
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    """Report everything about the data, trainable or not; exit 2 (after the report) when it cannot train."""
+    """Verify every image of DATA (decoding it; verdicts are cached) and print the classes, images per
+    class and split, the imbalance ratio, image sizes, and every problem found: files that will be
+    skipped (with the reason), warnings such as train/test leakage, and files handled automatically
+    (EXIF rotation, CMYK, transparency, huge images); then the freeze plan --freeze auto would choose.
+    Exit status 2 (after the report) when the data cannot train."""
     from toolkit.datasets import DatasetError, check_trainable, dataset_statistics, load_splits
 
     splits = load_splits(args.data, args.val_fraction, args.seed, progress=True, min_classes=0)
@@ -236,134 +237,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="describe a dataset: classes, counts, image sizes, problems",
-        description="Verify every image of DATA (decoding it; verdicts are cached) and print the classes, images "
-        "per class and split, the imbalance ratio, image sizes, and every problem found: files that will be "
-        "skipped (with the reason), warnings such as train/test leakage, and files handled automatically "
-        "(EXIF rotation, CMYK, transparency, huge images); then the freeze plan --freeze auto would choose.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from toolkit.cli_flags import subcommand
+
+    p = subcommand(sub, "inspect", _cmd_inspect, "describe a dataset: classes, counts, image sizes, problems",
+                   show_defaults=True)
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest (as for finetune)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when DATA has no val/ folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--all-problems", action="store_true", help="also list the files handled automatically")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone whose stages the freeze plan counts")
-    p.set_defaults(func=_cmd_inspect)
-
-
-# ----------------------------------------------------------------------------- predict / evaluate / explain / export
-
-
-def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
-    if many:
-        p.add_argument("--model", action="append", required=True, metavar="RUN",
-                       help="run folder or ensemble folder; repeat for an ensemble (mean of probabilities)")
-        p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model (default equal)")
-        p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
-                       help="test-time augmentation: centre crop only, + mirror, 4 corners + centre, those + mirrors, "
-                       "or the whole image through the fully convolutional network")
-        p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
-    else:
-        p.add_argument("--model", required=True, metavar="RUN", help="run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from toolkit import runs
-    from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
-    from toolkit.verify import verify_files
-
-    out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
-    members = load_models(args.model, args.weights)
-    records = verify_files(collect_images(args.images), progress=False)
-    errors = {r.path: r.reason for r in records if not r.ok}
-    good = [r for r in records if r.ok]
-    from keras.utils import Progbar
-
-    bar = Progbar(len(good) * len(members), unit_name="image")
-    probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
-                             args.batch_size, bar.add)
-    frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs)
-    runs.write_text(out, frame.to_csv(index=False))
-    print(f"{len(good)} images predicted, {len(errors)} unreadable (rows say why); written to {out}")
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from toolkit.evaluate import evaluate
-
-    m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size)
-    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
-    which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
-    print(f"accuracy {m['accuracy']:.4f}{top5}, macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-          f"on {m['n']} {which}; written to {args.out}")
-    return 0
-
-
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from toolkit.explain import explain
-
-    written = explain(args.model, args.images, args.out, args.class_name, args.overwrite)
-    print(f"{len(written)} class-activation maps written to {args.out}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from toolkit.export import export
-
-    target = export(args.model, args.format, args.out, args.overwrite)
-    print(f"exported {args.format}: {target}")
-    return 0
-
-
-def _add_inference(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="predict classes of new images, to CSV",
-                       description="Predict the class of every image given (files, folders searched recursively, or "
-                       "CSVs with a path column) with one model or an ensemble, optionally with test-time augmentation. "
-                       "Writes a CSV: path, label, probability, top-k labels and probabilities (all class probabilities "
-                       "with --all-probs), and an error column for unreadable files, which get a row saying why.")
-    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
-    _model_args(p)
-    p.add_argument("--top-k", type=int, default=3, help="how many top classes to list")
-    p.add_argument("--all-probs", action="store_true", help="also a prob_<class> column for every class")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write")
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, calibration, mistakes",
-                       description="Evaluate one model or an ensemble on labelled data: DATA's test/ split if it has one, "
-                       "else its validation split, else every image. Writes metrics.json (accuracy, top-5 with 5+ "
-                       "classes, per-class precision/recall/F1, confusion matrix, ECE, NLL), confusion_matrix.csv/.png, "
-                       "predictions.csv and mistakes.png (the most confident mistakes) into --out.")
-    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
-    _model_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("explain", help="class-activation maps overlaid on images",
-                       description="Write, per image, the class-activation map of the NIN head's per-class 1x1 conv "
-                       "maps, for the predicted class or --class, upsampled and overlaid on the image (PNG).")
-    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
-    _model_args(p, many=False)
-    p.add_argument("--class", dest="class_name", default=None, help="class to explain (default: the predicted one)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=_cmd_explain)
-
-    p = sub.add_parser("export", help="export a model as SavedModel, TFLite or ONNX",
-                       description="Export a run's model. Every format takes raw RGB float32 in [0, 255], shape "
-                       "(batch, size, size, 3), and returns class probabilities; classes.json is written beside it.")
-    _model_args(p, many=False)
-    p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx"))
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=_cmd_export)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from toolkit.cli_flags import SuggestingParser
+    from toolkit.cli_flags import SuggestingParser, subcommand
+    from toolkit.cli_inference import add_inference_commands
 
     parser = SuggestingParser(
         prog="toolkit",
@@ -375,17 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the result")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
-    _add_inference(sub)
+    add_inference_commands(sub)
     _add_inspect(sub)
     _add_data_service(sub)
-    p = sub.add_parser(
-        "backbones",
-        help="list the available backbones",
-        description="List registered backbones: name, parameters (without the ImageNet classifier), default "
-        "input size, ImageNet top-1 (%), whether their ImageNet weights can be loaded on this machine now "
-        "(installed offline package, Keras cache, or a download is needed), and family.",
-    )
-    p.set_defaults(func=_cmd_backbones)
+    subcommand(sub, "backbones", _cmd_backbones, "list the available backbones")
     return parser
 
 

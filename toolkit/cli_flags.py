@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import tomllib
 import typing
 from typing import Any
@@ -125,6 +126,14 @@ def given_settings(args: argparse.Namespace) -> list[str]:
     names += [flag for flag, value in (("--epochs", args.epochs), ("--lr", args.lr), ("--img-size", args.image_size_alias))
               if value is not None]
     return names + (["--set"] if args.set else [])
+
+
+def subcommand(sub, name: str, func, help: str, show_defaults: bool = False) -> argparse.ArgumentParser:
+    """A sub-command's parser, which runs ``func(args)``; its ``--help`` description is ``func``'s docstring."""
+    kwargs = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter} if show_defaults else {}
+    parser = sub.add_parser(name, help=help, description=" ".join(inspect.getdoc(func).split()), **kwargs)
+    parser.set_defaults(func=func)
+    return parser
 
 
 class SuggestingParser(argparse.ArgumentParser):

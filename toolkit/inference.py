@@ -290,7 +290,7 @@ def collect_images(inputs: Iterable[str]) -> list[str]:
     Nothing is opened here: what each path really is (a pipe, a broken link, not an image) is
     found by verification, which gives it an error row.
     """
-    from toolkit.datasets import IMAGE_EXTENSIONS, walk_files
+    from toolkit.discovery import IMAGE_EXTENSIONS, walk_files
 
     files: list[str] = []
     for item in inputs:

@@ -19,7 +19,8 @@ from typing import Any
 
 from toolkit import runs
 from toolkit.config import FinetuneConfig
-from toolkit.datasets import DatasetSplits, check_source, check_trainable, load_splits
+from toolkit.datasets import DatasetSplits, check_trainable, load_splits
+from toolkit.discovery import check_source
 from toolkit.errors import UserError
 from toolkit.recipes import config_to_dict
 

@@ -74,17 +74,8 @@ def conv_bn(
 
 
 def mbconv(
-    x: keras.KerasTensor,
-    in_channels: int,
-    out_channels: int,
-    expand_ratio: int,
-    kernel: int,
-    stride: int,
-    name: str,
-    padding: Padding,
-    bn: BNConfig,
-    mapping: dict[str, str],
-    torch_names: TorchNames,
+    x: keras.KerasTensor, in_channels: int, out_channels: int, expand_ratio: int, kernel: int, stride: int,
+    name: str, padding: Padding, bn: BNConfig, mapping: dict[str, str], torch_names: TorchNames,
 ) -> keras.KerasTensor:
     """Inverted residual: 1x1 expand → kxk depthwise → 1x1 linear projection (+ identity)."""
     shortcut = x

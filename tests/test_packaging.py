@@ -1,0 +1,36 @@
+"""The package as users install it: a wheel (not an editable install), run from outside the repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(REPO)], check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("toolkit-*.whl")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install: the wheel's copy is used
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([sys.executable, "-c", "import toolkit; print(toolkit.__file__)"], env=env, cwd=elsewhere,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(target)), where
+    done = subprocess.run([str(target / "bin" / "toolkit"), "finetune", "--data", str(sample_data), "--epochs", "1",
+                           "--img-size", "64", "--out", "out"], env=env, cwd=elsewhere, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (elsewhere / "out" / "model.keras").is_file() and "validation accuracy" in done.stdout
+    names = subprocess.run([str(target / "bin" / "toolkit"), "finetune", "--data", str(sample_data), "--recipe",
+                            "quik"], env=env, cwd=elsewhere, capture_output=True, text=True)
+    assert names.returncode == 2 and "accurate, quick, small-data" in names.stderr

@@ -1,0 +1,110 @@
+"""The ``toolkit`` commands that use trained runs: predict, evaluate, explain, export."""
+
+from __future__ import annotations
+
+import argparse
+
+from toolkit.cli_flags import subcommand
+
+
+def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
+    if many:
+        p.add_argument("--model", action="append", required=True, metavar="RUN",
+                       help="run folder or ensemble folder; repeat for an ensemble (mean of probabilities)")
+        p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model (default equal)")
+        p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
+                       help="test-time augmentation: centre crop only, + mirror, 4 corners + centre, those + mirrors, "
+                       "or the whole image through the fully convolutional network")
+        p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
+    else:
+        p.add_argument("--model", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Predict the class of every image given (files, folders searched recursively, or CSVs with a path
+    column) with one model or an ensemble, optionally with test-time augmentation. Writes a CSV: path,
+    label, probability, top-k labels and probabilities (all class probabilities with --all-probs), and
+    an error column for unreadable files, which get a row saying why."""
+    from toolkit import runs
+    from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
+    from toolkit.verify import verify_files
+
+    out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
+    members = load_models(args.model, args.weights)
+    records = verify_files(collect_images(args.images), progress=False)
+    errors = {r.path: r.reason for r in records if not r.ok}
+    good = [r for r in records if r.ok]
+    progress = None
+    if not args.quiet:
+        from keras.utils import Progbar
+
+        progress = Progbar(len(good) * len(members), unit_name="image").add
+    probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
+                             args.batch_size, progress)
+    frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs)
+    runs.write_text(out, frame.to_csv(index=False))
+    print(f"{len(good)} images predicted, {len(errors)} unreadable (rows say why); written to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate one model or an ensemble on labelled data: DATA's test/ split if it has one, else its
+    validation split, else every image. Writes metrics.json (accuracy, top-5 with 5+ classes, per-class
+    precision/recall/F1, confusion matrix, ECE, NLL), confusion_matrix.csv/.png, predictions.csv and
+    mistakes.png (the most confident mistakes) into --out."""
+    from toolkit.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size,
+                 verbose=0 if args.quiet else 1)
+    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
+    which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
+    print(f"accuracy {m['accuracy']:.4f}{top5}, macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+          f"on {m['n']} {which}; written to {args.out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    """Write, per image, the class-activation map of the NIN head's per-class 1x1 conv maps, for the
+    predicted class or --class, upsampled and overlaid on the image (PNG)."""
+    from toolkit.explain import explain
+
+    written = explain(args.model, args.images, args.out, args.class_name, args.overwrite)
+    print(f"{len(written)} class-activation maps written to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's model. Every format takes raw RGB float32 in [0, 255], shape (batch, size, size, 3),
+    and returns class probabilities; classes.json is written beside it."""
+    from toolkit.export import export
+
+    target = export(args.model, args.format, args.out, args.overwrite)
+    print(f"exported {args.format}: {target}")
+    return 0
+
+
+def add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "predict", _cmd_predict, "predict classes of new images, to CSV")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
+    _model_args(p)
+    p.add_argument("--top-k", type=int, default=3, help="how many top classes to list")
+    p.add_argument("--all-probs", action="store_true", help="also a prob_<class> column for every class")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+
+    p = subcommand(sub, "evaluate", _cmd_evaluate,
+                   "accuracy, per-class metrics, confusion matrix, calibration, mistakes")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = subcommand(sub, "explain", _cmd_explain, "class-activation maps overlaid on images")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
+    _model_args(p, many=False)
+    p.add_argument("--class", dest="class_name", default=None, help="class to explain (default: the predicted one)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = subcommand(sub, "export", _cmd_export, "export a model as SavedModel, TFLite or ONNX")
+    _model_args(p, many=False)
+    p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx"))
+    p.add_argument("--out", required=True, help="output folder")
