@@ -58,5 +58,6 @@ def test_finetune_takes_an_albumentations_compose_from_the_recipe(sample_data, t
     recipe.write_text(f'albumentations = "{path}"\nhead_epochs = 2\ncache_views = 2\nimage_size = 48\n')
     result = finetune(build_config(recipe, {"data": str(sample_data), "freeze": "all"}), out=tmp_path / "run", verbose=0)
     assert result.metrics["n_val"] > 0
-    with pytest.raises(ValueError, match="albumentations file not found"):
-        build_config(recipe, {"data": "x", "albumentations": "nope.json"})
+    with pytest.raises(ValueError, match="albumentations file not found"):  # checked before a run folder exists
+        finetune(build_config(recipe, {"data": str(sample_data), "albumentations": "nope.json"}), out=tmp_path / "r2")
+    assert not (tmp_path / "r2").exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
@@ -154,9 +153,6 @@ class FinetuneConfig:
                 raise RecipeError("data_service runs TensorFlow ops only; albumentations (Python) cannot run on its "
                                   f"workers. Received: data_service={self.data_service!r}, "
                                   f"albumentations={self.albumentations!r}; drop one of them")
-        if self.albumentations and not Path(self.albumentations).is_file():
-            raise RecipeError(f"albumentations file not found. Received: albumentations={self.albumentations!r}; "
-                              "save a Compose with albumentations.save(compose, path)")
         if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
             raise RecipeError(f"min_accuracy must be in [0, 1]. Received: min_accuracy={self.min_accuracy!r}")
         from toolkit.freeze import plan_freeze

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import tomllib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -74,14 +73,6 @@ class Member:
         return self._forwards[whole_images]
 
 
-def _run_image_size(recipe: dict) -> int:
-    if recipe.get("image_size"):
-        return int(recipe["image_size"])
-    from toolkit import backbones
-
-    return backbones.get_spec(recipe.get("backbone", "mobilenet_v2")).input_size
-
-
 def _load_keras_model(path: Path):
     """``keras.models.load_model`` in safe mode; a file it cannot or will not load is a user error."""
     import keras
@@ -100,15 +91,13 @@ def _load_keras_model(path: Path):
 
 
 def load_member(run: str | Path, weight: float = 1.0):
+    from toolkit import backbones
+    from toolkit.recipes import load_config
+
     run = Path(run)
     if not (run / runs.MODEL_FILE).is_file():
         raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
-    recipe = {}
-    if (run / runs.RECIPE_FILE).is_file():
-        try:
-            recipe = tomllib.loads((run / runs.RECIPE_FILE).read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{run / runs.RECIPE_FILE} is corrupt ({exc}); restore it or train the run again") from None
+    config = load_config(run / runs.RECIPE_FILE)  # validated; its defaults are the config's own
     calibration = {}
     if (run / runs.CALIBRATION_FILE).is_file():
         calibration = runs.read_json(run / runs.CALIBRATION_FILE, "Delete it to predict without calibration.")
@@ -124,8 +113,8 @@ def load_member(run: str | Path, weight: float = 1.0):
         path=run,
         model=model,
         class_names=tuple(class_names),
-        image_size=_run_image_size(recipe),
-        crop_fraction=float(recipe.get("crop_fraction", 0.875)),
+        image_size=config.image_size or backbones.get_spec(config.backbone).input_size,
+        crop_fraction=config.crop_fraction,
         temperature=float(calibration.get("temperature", 1.0)),
         weight=weight,
     )

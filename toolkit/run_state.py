@@ -157,6 +157,9 @@ def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
         raise UserError("finetune needs --data (or --resume RUN). Received: data=''")
     config.validate()
     check_source(config.data)
+    if config.albumentations and not Path(config.albumentations).is_file():
+        raise UserError(f"albumentations file not found. Received: albumentations={config.albumentations!r}; save a "
+                        "Compose with albumentations.save(compose, path)")
     absolute = {"data": str(Path(config.data).resolve())}
     if config.albumentations:
         absolute["albumentations"] = str(Path(config.albumentations).resolve())
