@@ -47,8 +47,8 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Pa
             import tf2onnx  # noqa: F401
         except ImportError as exc:
             raise ExportUnavailableError(
-                "ONNX export needs tf2onnx and onnx (pip install tf2onnx onnx); they are not installed. "
-                f"({exc})") from None
+                'ONNX export needs tf2onnx and onnx: pip install "toolkit[onnx]" (also installs onnxruntime to run '
+                f"the file). They are not installed here ({exc}).") from None
     member = load_member(model)
     keras_model = _fixed_shape_model(member)
     names = {"savedmodel": "savedmodel", "tflite": "model.tflite", "onnx": "model.onnx"}
@@ -68,10 +68,36 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Pa
                 tmp_file.write_bytes(flat)
         else:
             with runs.atomic_path(target) as tmp_file:
-                keras_model.export(str(tmp_file), format="onnx", verbose=False)
+                _export_onnx(keras_model, member.image_size, tmp_file)
     target = Path(out) / names[fmt]
     logger.info("export: %s written to %s", fmt, target)
     return target
+
+
+def _export_onnx(keras_model, size: int, target: Path) -> None:
+    """The classifier as ONNX with one input, ``image``.
+
+    Keras' own ``export(format="onnx")`` left the preprocessing layer's mean and variance as extra
+    graph inputs, which onnxruntime then demands. Freezing the traced function first turns every
+    variable into a constant (what tf2onnx does for a SavedModel), so the image is the only input.
+    """
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
+    concrete = tf.function(lambda image: keras_model(image, training=False)).get_concrete_function(spec)
+    frozen = convert_variables_to_constants_v2(concrete)
+    proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+                                              output_names=[t.name for t in frozen.outputs], opset=17)
+    # TensorFlow's tensor names ("image:0") become plain ones, as the other formats have them.
+    renamed = {frozen.inputs[0].name: "image", frozen.outputs[0].name: "probabilities"}
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.name = renamed.get(value.name, value.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+    target.write_bytes(proto.SerializeToString())
 
 
 def _export_savedmodel(keras_model, target: Path) -> None:
