@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 logger = logging.getLogger("toolkit")
@@ -129,7 +130,8 @@ def _config_from_args(args: argparse.Namespace):
 
     if not args.data:
         raise UserError("finetune needs --data (or --resume RUN). Received: data=None")
-    overrides = overrides_from_args(args, read_recipe(args.recipe or "quick")) | {"data": args.data}
+    data = str(Path(args.data).resolve())  # recorded absolute, so the run resumes from any directory
+    overrides = overrides_from_args(args, read_recipe(args.recipe or "quick")) | {"data": data}
     return build_config(args.recipe, overrides)
 
 

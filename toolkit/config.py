@@ -68,6 +68,8 @@ class AugmentConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    """Every setting of a run. A config is validated once, when it is built (``__post_init__``)."""
+
     data: str = setting("", "dataset folder or CSV manifest", metavar="DIR|CSV")
     backbone: str = setting("mobilenet_v2", "backbone name; `toolkit backbones` lists them")
     weights: str = setting("imagenet", "'imagenet', 'none' for random init, or a path to a Keras weights file (or "
@@ -109,6 +111,9 @@ class FinetuneConfig:
     data_service: str = setting("", "decode and augment training images on tf.data service workers (`toolkit "
                                 "data-service`) registered with this dispatcher", metavar="grpc://HOST:PORT")
     augment: AugmentConfig = setting(factory=AugmentConfig, help="training augmentation ([augment] in a recipe)")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         from toolkit import backbones

@@ -128,9 +128,7 @@ def build_config(recipe: str | Path | None, overrides: dict[str, Any]) -> Finetu
     nested = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("augment.")}
     values.update(_check_table("setting", top, FinetuneConfig, skip=frozenset({"augment"})))
     augment.update(_check_table("setting augment.", nested, AugmentConfig))
-    config = FinetuneConfig(**values, augment=AugmentConfig(**augment))
-    config.validate()
-    return config
+    return FinetuneConfig(**values, augment=AugmentConfig(**augment))  # validated as it is built
 
 
 def config_to_dict(config: FinetuneConfig) -> dict[str, Any]:
@@ -153,8 +151,6 @@ def load_config(path: Path) -> FinetuneConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RecipeError(f"{path}: cannot be read ({exc}); restore it, or start a new run with --out") from None
     try:
-        config = config_from_dict(values)
-        config.validate()
+        return config_from_dict(values)  # validated as it is built
     except (RecipeError, TypeError) as exc:
         raise RecipeError(f"{path}: {exc}") from None
-    return config

@@ -152,10 +152,10 @@ class Run:
 
 
 def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
-    """The config of a new run, checked, with its data path made absolute (runs resume from anywhere)."""
+    """The config of a new run with its inputs checked and its data path made absolute (runs resume from
+    anywhere). The config itself was validated when it was built."""
     if not config.data:
         raise UserError("finetune needs --data (or --resume RUN). Received: data=''")
-    config.validate()
     check_source(config.data)
     if config.albumentations and not Path(config.albumentations).is_file():
         raise UserError(f"albumentations file not found. Received: albumentations={config.albumentations!r}; save a "
@@ -163,7 +163,8 @@ def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
     absolute = {"data": str(Path(config.data).resolve())}
     if config.albumentations:
         absolute["albumentations"] = str(Path(config.albumentations).resolve())
-    return dataclasses.replace(config, **absolute)
+    changed = {k: v for k, v in absolute.items() if getattr(config, k) != v}
+    return dataclasses.replace(config, **changed) if changed else config  # a new config is validated again
 
 
 def load_checked_splits(config: FinetuneConfig, progress: bool) -> DatasetSplits:
