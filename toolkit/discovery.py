@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.runs import is_within
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"})
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
@@ -31,10 +32,6 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")  # .DS_Store, ._resource forks, .git ...
 
 
-def _within(inner: Path, outer: Path) -> bool:
-    return inner == outer or outer in inner.parents
-
-
 def walk_files(folder: Path, problems: list[Problem]) -> list[Path]:
     """Every entry under ``folder`` that is not a folder, hidden ones left out, sorted.
 
@@ -48,7 +45,7 @@ def walk_files(folder: Path, problems: list[Problem]) -> list[Path]:
     out: list[Path] = []
     for current, dirs, files in os.walk(folder, followlinks=True):
         real = Path(os.path.realpath(current))
-        if seen and (real in seen or _within(top, real)):
+        if seen and (real in seen or is_within(top, real)):
             problems.append(Problem(current, f"symbolic link to {real}, a folder already searched (a loop); "
                                              "not followed", "warning"))
             dirs[:] = []
@@ -74,7 +71,7 @@ def _scan_class_tree(root: Path, problems: list[Problem]) -> dict[str, list[str]
         if not entry.is_dir():
             problems.append(Problem(str(entry), "not inside a class folder; ignored", "info"))
             continue
-        if entry.is_symlink() and _within(top, entry.resolve()):
+        if entry.is_symlink() and is_within(top, entry.resolve()):
             problems.append(Problem(str(entry), f"symbolic link to {entry.resolve()}, which holds the data folder "
                                                 "itself (a loop); not a class, ignored", "warning"))
             continue

@@ -72,7 +72,8 @@ def default_run_dir(backbone: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{stamp}-{backbone}"
 
 
-def _is_within(inner: Path, outer: Path) -> bool:
+def is_within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies below it (both resolved)."""
     return inner == outer or outer in inner.parents
 
 
@@ -84,9 +85,9 @@ def check_apart(out: str | Path, inputs: Mapping[str, Sequence[str | Path]]) -> 
             source = Path(given).resolve()
             if target == source:
                 why = f"is the same path as {flag}"
-            elif _is_within(source, target):
+            elif is_within(source, target):
                 why = f"contains {flag} {str(given)!r}"
-            elif _is_within(target, source):
+            elif is_within(target, source):
                 why = f"lies inside {flag} {str(given)!r}"
             else:
                 continue
