@@ -62,6 +62,9 @@ def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, t
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_accuracy"] >= 0.5, metrics  # 4 classes: chance is 0.25
+    low, high = metrics["val_accuracy_ci95"]  # every accuracy with its uncertainty
+    assert low < metrics["val_accuracy"] <= high and high - low > 0.05
+    assert f"(95% CI {low:.2f}–{high:.2f}, {metrics['n_val']} images)" in capsys.readouterr().out
     assert set(metrics["per_class_accuracy"]) == {"circle", "square", "star", "triangle"}
     config = tomllib.loads((out / "recipe.toml").read_text())
     assert config["backbone"] == "mobilenet_v2" and config["image_size"] == 160 and config["head_epochs"] == 6

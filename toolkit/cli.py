@@ -83,6 +83,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     data.json, calibration.json, report.md, report.html and tensorboard/ into the run folder. Exit
     status: 0 done, 2 bad input, 3 accuracy gate failed."""
     from toolkit.finetune import AccuracyGateError, finetune, resume
+    from toolkit.uncertainty import describe
 
     verbose = 0 if args.quiet else 1 if sys.stdout.isatty() else 2
     try:
@@ -104,7 +105,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if result.plan is not None:
         print(f"freeze plan: {result.plan.describe()}")
     kind = "ensemble " if result.members else ""
-    print(f"{kind}validation accuracy: {result.metrics['val_accuracy']:.4f} ({result.metrics['n_val']} images)")
+    m = result.metrics
+    print(f"{kind}validation accuracy: {describe(m['val_accuracy'], m['n_val'], m['val_accuracy_ci95'])}")
     print(f"{kind or 'run '}folder: {result.run_dir}")
     return 0
 

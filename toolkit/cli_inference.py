@@ -59,8 +59,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  verbose=0 if args.quiet else 1)
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
     which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
-    print(f"accuracy {m['accuracy']:.4f}{top5}, macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-          f"on {m['n']} {which}; written to {args.out}")
+    low, high = m["accuracy_ci95"]
+    print(f"accuracy {m['accuracy']:.4f} (95% CI {low:.2f}–{high:.2f}){top5}, macro F1 {m['macro_f1']:.4f}, "
+          f"ECE {m['ece']:.4f} on {m['n']} {which}; written to {args.out}")
     return 0
 
 

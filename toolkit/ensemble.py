@@ -16,6 +16,7 @@ from toolkit.datasets import load_splits
 from toolkit.errors import UserError
 from toolkit.recipes import load_config
 from toolkit.run_state import FinetuneResult, create_run, load_checked_splits, prepare_config, read_state
+from toolkit.uncertainty import accuracy_interval
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def finetune_ensemble(
     models = load_models([folder])
     probs = predict_ensemble(models, splits.val.decode_paths, splits.val.is_jpeg)
     labels = np.asarray(splits.val.labels)
+    correct = probs.argmax(1) == labels
     metrics = {
-        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        "val_accuracy": float(correct.mean()),
+        "val_accuracy_ci95": list(accuracy_interval(int(correct.sum()), len(labels))),
         "n_val": int(len(labels)),
         "members": {name: m["val_accuracy"] for name, m in member_metrics.items()},
         "calibration": calibrate(probs, labels),

@@ -17,12 +17,14 @@ import numpy as np
 
 from toolkit import runs
 from toolkit.calibration import expected_calibration_error, nll
+from toolkit.uncertainty import accuracy_interval
 
 logger = logging.getLogger(__name__)
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Pure: accuracy, top-5 (5+ classes), per-class precision/recall/F1, confusion matrix, ECE, NLL."""
+    """Pure: accuracy with its 95 % interval, top-5 (5+ classes), per-class precision/recall/F1, confusion
+    matrix, ECE, NLL."""
     n_classes = len(class_names)
     predicted = probs.argmax(axis=1)
     confusion = np.zeros((n_classes, n_classes), dtype=int)
@@ -38,6 +40,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: S
         per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": support}
     out = {
         "accuracy": float((predicted == labels).mean()),
+        "accuracy_ci95": list(accuracy_interval(int((predicted == labels).sum()), len(labels))),
         "n": int(len(labels)),
         "class_names": list(class_names),
         "per_class": per_class,

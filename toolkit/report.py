@@ -15,6 +15,7 @@ from toolkit import runs
 from toolkit.calibration import apply_temperature, nll
 from toolkit.datasets import DatasetSplits
 from toolkit.run_state import Run, Stage
+from toolkit.uncertainty import describe
 
 
 def markdown_cell(text: str, code: bool = False) -> str:
@@ -63,6 +64,7 @@ def run_metrics(probs: np.ndarray, labels: np.ndarray, class_names, run: Run) ->
     measured = classification_metrics(probs, labels, class_names)
     out = {
         "val_accuracy": measured["accuracy"],
+        "val_accuracy_ci95": measured["accuracy_ci95"],
         "val_loss": nll(probs, labels),
         "n_val": int(len(labels)),
         "per_class_accuracy": {name: (v["recall"] if v["support"] else None) for name, v in measured["per_class"].items()},
@@ -85,7 +87,8 @@ def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
         lines.append("kept: the fine-tuned classifier (stage 2 lowered the validation loss)"
                      if metrics["kept_stage"] == Stage.FINETUNE.value
                      else "kept: the stage-1 classifier (stage 2 did not lower the validation loss)")
-    lines.append(f"final validation accuracy: {metrics['val_accuracy']:.4f} on {metrics['n_val']} images")
+    lines.append("final validation accuracy: " + describe(metrics["val_accuracy"], metrics["n_val"],
+                                                          metrics["val_accuracy_ci95"]))
     lines.append(f"calibration: temperature {metrics['temperature']:.3f} fitted on the validation split; "
                  f"ECE {metrics['ece_before']:.4f} before, {metrics['ece_after']:.4f} after")
     return lines
@@ -160,7 +163,8 @@ def report_html(splits: DatasetSplits, stats: dict, training: list[str], measure
     parts.append("<h2>Training</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in training) + "</ul>")
     if "curves" in figures:
         parts.append(_figure(figures["curves"], "loss and accuracy per epoch"))
-    parts.append(f"<h2>Validation metrics</h2><p>Accuracy {measured['accuracy']:.4f} on {measured['n']} images; "
+    parts.append(f"<h2>Validation metrics</h2><p>Accuracy "
+                 f"{html.escape(describe(measured['accuracy'], measured['n'], measured['accuracy_ci95']))}; "
                  f"macro F1 {measured['macro_f1']:.4f}.</p>")
     parts.append(_table(["class", "precision", "recall", "F1", "images"], [
         [name, round(v["precision"], 4), round(v["recall"], 4), round(v["f1"], 4), v["support"]]
