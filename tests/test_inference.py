@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import json
 from pathlib import Path
 
@@ -190,50 +191,53 @@ def test_cam_peaks_on_the_object(runs_trained, tmp_path):
     assert len(written) == 1 and Image.open(written[0]).size == (160, 160)
 
 
+def _run_exported(fmt: str, target, x: np.ndarray) -> np.ndarray:
+    """Probabilities of an exported file, each in its own runtime."""
+    if fmt == "savedmodel":
+        loaded = tf.saved_model.load(str(target))  # held: its variables live as long as it does
+        return np.asarray(loaded.serve(tf.constant(x)))
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["image"]  # no preprocessing constants as extra inputs
+        return session.run(None, {"image": x})[0]
+    interpreter = tf.lite.Interpreter(model_path=str(target))
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
-def test_export_matches_keras_on_real_images(runs_trained, sample_data, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
+def test_exported_models_give_what_predict_gives(runs_trained, sample_data, tmp_path, fmt):
+    """The whole predictor travels: the exported file, on the centre crop, gives `predict`'s probabilities,
+    the run's temperature included (stated tolerance: 1e-4 on probabilities)."""
     from toolkit.export import export
     from toolkit.inference import load_member
 
     member = load_member(runs_trained[0])
+    assert member.temperature != 1.0  # so the check covers the temperature
     paths, jpeg = _files(sample_data, 4)
+    want = predict_member(member, paths, jpeg, "none")
     x = np.stack([eval_image(tf.io.read_file(p), j, 96).numpy() for p, j in zip(paths, jpeg)])
-    want = np.asarray(member.model(x, training=False))
     target = export(str(runs_trained[0]), fmt, tmp_path / fmt)
-    if fmt == "savedmodel":
-        loaded = tf.saved_model.load(str(target))
-        got = np.asarray(loaded.serve(tf.constant(x)))
-    else:
-        interpreter = tf.lite.Interpreter(model_path=str(target))
-        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-        interpreter.resize_tensor_input(inp["index"], x.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        got = interpreter.get_tensor(out["index"])
-    np.testing.assert_allclose(got, want, atol=1e-4)  # stated tolerance: 1e-4 on probabilities
+    np.testing.assert_allclose(_run_exported(fmt, target, x), want, atol=1e-4)
     assert json.loads((tmp_path / fmt / "classes.json").read_text()) == list(member.class_names)
+    if fmt == "savedmodel":  # --image-size: the fully convolutional classifier at another size
+        bigger = export(str(runs_trained[0]), fmt, tmp_path / "at128", image_size=128)
+        x128 = np.stack([eval_image(tf.io.read_file(p), j, 128).numpy() for p, j in zip(paths, jpeg)])
+        assert _run_exported(fmt, bigger, x128).shape == (4, 4)
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_keras_or_says_why_not(runs_trained, sample_data, tmp_path):
+def test_onnx_export_says_how_to_get_it_when_missing(runs_trained, tmp_path, monkeypatch):
     from toolkit.export import ExportUnavailableError, export
-    from toolkit.inference import load_member
 
-    try:
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        with pytest.raises(ExportUnavailableError, match=r'pip install "toolkit\[onnx\]"'):
-            export(str(runs_trained[0]), "onnx", tmp_path / "onnx")
-        return
-    import onnxruntime
-
-    member = load_member(runs_trained[0])
-    paths, jpeg = _files(sample_data, 4)
-    x = np.stack([eval_image(tf.io.read_file(p), j, 96).numpy() for p, j in zip(paths, jpeg)])
-    target = export(str(runs_trained[0]), "onnx", tmp_path / "onnx")
-    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["image"]  # no preprocessing constants as extra inputs
-    got = session.run(None, {"image": x})[0]
-    np.testing.assert_allclose(got, np.asarray(member.model(x, training=False)), atol=1e-4)
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if not installed
+    with pytest.raises(ExportUnavailableError, match=r'pip install "toolkit\[onnx\]"'):
+        export(str(runs_trained[0]), "onnx", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

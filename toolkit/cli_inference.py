@@ -77,10 +77,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Export a run's model. Every format takes raw RGB float32 in [0, 255], shape (batch, size, size, 3),
-    and returns class probabilities; classes.json is written beside it."""
+    and returns class probabilities with the run's temperature applied (what `toolkit predict` gives for the
+    centre crop); classes.json is written beside it."""
     from toolkit.export import export
 
-    target = export(args.model, args.format, args.out, args.overwrite)
+    target = export(args.model, args.format, args.out, args.overwrite, args.image_size)
     print(f"exported {args.format}: {target}")
     return 0
 
@@ -108,4 +109,6 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "export", _cmd_export, "export a model as SavedModel, TFLite or ONNX")
     _model_args(p, many=False)
     p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx"))
+    p.add_argument("--image-size", type=int, default=None, help="input size of the exported model (default: the "
+                   "run's); the classifier is fully convolutional")
     p.add_argument("--out", required=True, help="output folder")

@@ -2,9 +2,10 @@
 
 Every format takes what the Keras model takes: raw RGB float32 in [0, 255],
 (batch, size, size, 3), preprocessing inside; the output is the class
-probabilities (temperature scaling, if fitted, is applied by ``toolkit
-predict``, not baked in). The exported file and a ``classes.json`` go into
-``--out``.
+probabilities with the run's temperature applied, so an exported model gives
+what ``toolkit predict`` gives for the centre crop. The fully convolutional
+classifier is exported at the run's input size or at ``--image-size``. The
+exported file and a ``classes.json`` go into ``--out``.
 """
 
 from __future__ import annotations
@@ -25,16 +26,22 @@ class ExportUnavailableError(UserError):
     pass
 
 
-def _fixed_shape_model(member):
-    """The classifier with a fully specified input (what the converters want)."""
+def deployable_model(member, size: int):
+    """The whole predictor as one model: a fully specified input (what the converters want), the
+    classifier, and the run's temperature (softmax(log p / T), as :func:`toolkit.calibration.apply_temperature`)."""
     import keras
 
-    size = member.image_size
+    from toolkit.calibration import EPS
+
     inputs = keras.Input((size, size, 3), batch_size=None, name="image")
-    return keras.Model(inputs, member.model(inputs), name="classifier")
+    probs = member.model(inputs)
+    if member.temperature != 1.0:
+        logits = keras.ops.log(keras.ops.clip(probs, EPS, 1.0)) / member.temperature
+        probs = keras.ops.softmax(logits, axis=-1)
+    return keras.Model(inputs, probs, name="classifier")
 
 
-def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Path:
+def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image_size: int | None = None) -> Path:
     from toolkit.inference import load_member
 
     if fmt not in FORMATS:
@@ -49,8 +56,11 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Pa
             raise ExportUnavailableError(
                 'ONNX export needs tf2onnx and onnx: pip install "toolkit[onnx]" (also installs onnxruntime to run '
                 f"the file). They are not installed here ({exc}).") from None
+    if image_size is not None and image_size < 32:
+        raise UserError(f"--image-size must be >= 32. Received: image_size={image_size!r}")
     member = load_member(model)
-    keras_model = _fixed_shape_model(member)
+    size = image_size or member.image_size
+    keras_model = deployable_model(member, size)
     names = {"savedmodel": "savedmodel", "tflite": "model.tflite", "onnx": "model.onnx"}
     with runs.output_dir(out, overwrite, "export", inputs) as stage:
         runs.write_json(stage / runs.CLASSES_FILE, list(member.class_names))
@@ -68,7 +78,7 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False) -> Pa
                 tmp_file.write_bytes(flat)
         else:
             with runs.atomic_path(target) as tmp_file:
-                _export_onnx(keras_model, member.image_size, tmp_file)
+                _export_onnx(keras_model, size, tmp_file)
     target = Path(out) / names[fmt]
     logger.info("export: %s written to %s", fmt, target)
     return target
