@@ -250,6 +250,7 @@ def _stage2(run: Run, model, inner, spec, plan, data, loss, finetune_lr: float, 
 def _finish(run: Run, model, data, stats: dict, plan, kept: Stage) -> FinetuneResult:
     """Evaluate, calibrate, write (every worker evaluates the whole validation split; only the chief writes)."""
     from toolkit.calibration import calibrate
+    from toolkit.evaluate import classification_metrics
     from toolkit.feature_cache import forward_all, inference
     from toolkit.report import run_metrics, write_run_outputs
 
@@ -257,7 +258,8 @@ def _finish(run: Run, model, data, stats: dict, plan, kept: Stage) -> FinetuneRe
     start = time.perf_counter()
     probs, _ = forward_all(inference(model), data.image_data(splits.val, False))
     labels = np.asarray(splits.val.labels)
-    metrics = run_metrics(probs, labels, splits.class_names, run)
+    measured = classification_metrics(probs, labels, splits.class_names)
+    metrics = run_metrics(measured, run)
     calibration = calibrate(probs, labels)
     metrics.update(temperature=calibration["temperature"], ece_before=calibration["ece_before"],
                    ece_after=calibration["ece_after"])
@@ -269,7 +271,7 @@ def _finish(run: Run, model, data, stats: dict, plan, kept: Stage) -> FinetuneRe
                            "global_batch": data.global_batch}
     if scale.is_chief:
         runs.write_json(run.dir / runs.CALIBRATION_FILE, calibration)
-        write_run_outputs(run, model, stats, plan, metrics, probs, labels)
+        write_run_outputs(run, model, stats, plan, metrics, measured, probs, labels)
         run.state.finished = True
         run.save_state()
         logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"],

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import runs
-from toolkit.calibration import apply_temperature, nll
+from toolkit.calibration import apply_temperature
 from toolkit.datasets import DatasetSplits
 from toolkit.run_state import Run, Stage
 from toolkit.uncertainty import describe
@@ -57,18 +57,16 @@ def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str]
     return "\n".join(lines) + "\n"
 
 
-def run_metrics(probs: np.ndarray, labels: np.ndarray, class_names, run: Run) -> dict[str, Any]:
-    """Validation accuracy, loss (cross-entropy without smoothing), per-class accuracy, each stage's best epoch."""
-    from toolkit.evaluate import classification_metrics
-
-    measured = classification_metrics(probs, labels, class_names)
+def run_metrics(measured: dict[str, Any], run: Run) -> dict[str, Any]:
+    """metrics.json from the validation split's :func:`toolkit.evaluate.classification_metrics`: accuracy
+    with its interval, loss (cross-entropy without smoothing), per-class accuracy, each stage's best epoch."""
     out = {
         "val_accuracy": measured["accuracy"],
         "val_accuracy_ci95": measured["accuracy_ci95"],
-        "val_loss": nll(probs, labels),
-        "n_val": int(len(labels)),
+        "val_loss": measured["nll"],
+        "n_val": measured["n"],
         "per_class_accuracy": {name: (v["recall"] if v["support"] else None) for name, v in measured["per_class"].items()},
-        "class_names": list(class_names),
+        "class_names": measured["class_names"],
     }
     for stage, s in run.state.stages.items():
         if s.history:
@@ -94,13 +92,12 @@ def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
     return lines
 
 
-def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, probs: np.ndarray,
+def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, measured: dict[str, Any], probs: np.ndarray,
                       labels: np.ndarray) -> None:
     """Everything a finished run leaves in its folder besides its checkpoints."""
     import keras
     import pandas as pd
 
-    from toolkit.evaluate import classification_metrics
     from toolkit.figures import confusion_png, curves_png, reliability_png
 
     # The saved model is plain functional Keras (no training optimizer), loadable in safe mode.
@@ -123,7 +120,6 @@ def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, probs: 
     timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
     runs.write_text(run.dir / runs.REPORT_FILE, report_markdown(
         splits, stats, {"Training": "\n".join(f"- {line}" for line in training), "Timings": timings}))
-    measured = classification_metrics(probs, labels, splits.class_names)
     figures["confusion"] = confusion_png(np.asarray(measured["confusion_matrix"]), splits.class_names)
     figures["calibration"] = reliability_png(probs, labels, apply_temperature(probs, metrics["temperature"]))
     runs.write_text(run.dir / runs.REPORT_HTML_FILE, report_html(splits, stats, training, measured, figures))
