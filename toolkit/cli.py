@@ -106,7 +106,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"freeze plan: {result.plan.describe()}")
     kind = "ensemble " if result.members else ""
     m = result.metrics
-    print(f"{kind}validation accuracy: {describe(m['val_accuracy'], m['n_val'], m['val_accuracy_ci95'])}")
+    if result.members:
+        print(f"{kind}validation accuracy: {describe(m['val_accuracy'], m['n_val'], m['val_accuracy_ci95'])}")
+    else:
+        from toolkit.report import accuracy_line
+
+        print(accuracy_line(m))
     print(f"{kind or 'run '}folder: {result.run_dir}")
     return 0
 

@@ -97,6 +97,9 @@ class FinetuneConfig:
     cache_features: str = setting("auto", "train the head on cached backbone features", CACHE_MODES)
     cache_views: int = setting(4, "most views per image in the feature cache (one is the plain centre crop)")
     cache_view_budget: int = setting(4000, "views in all in the cache: large datasets get fewer per image")
+    cv: str = setting("auto", "cross-validation folds: K >= 2 trains K fold heads on all labelled images (head-only "
+                      "runs); auto: 5 when the plan is head only and the data has no validation split; off: holdout",
+                      metavar="K|auto|off")
     val_fraction: float = setting(0.2, "held-out fraction when the data has no validation split, in (0, 1)")
     crop_fraction: float = setting(0.875, "evaluation centre crop: crop side / shorter image side")
     seed: int = setting(0, "seed for the split, augmentation and initialisation (>= 0)")
@@ -147,6 +150,12 @@ class FinetuneConfig:
             raise RecipeError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
         if not 0 < self.stage_lr_decay <= 1:
             raise RecipeError(f"stage_lr_decay must be in (0, 1]. Received: stage_lr_decay={self.stage_lr_decay!r}")
+        from toolkit.folds import parse_cv
+
+        try:
+            parse_cv(self.cv)
+        except UserError as exc:
+            raise RecipeError(str(exc)) from None
         _choice(self, "class_weights", CLASS_WEIGHT_MODES)
         _choice(self, "cache_features", CACHE_MODES)
         _choice(self, "strategy", STRATEGIES)

@@ -80,6 +80,11 @@ class DatasetSplits:
     problems: tuple[Problem, ...] = ()
     source: str = ""
 
+    @property
+    def val_is_given(self) -> bool:
+        """The data has its own validation split (not one held out by :func:`stratified_split`)."""
+        return not self.val_source.startswith("stratified")
+
     def skipped(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "skipped"]
 
@@ -214,7 +219,7 @@ def check_trainable(splits: DatasetSplits) -> list[str]:
                            "them, or remove those class folders.")
     no_val = [c for c, n in val.items() if n == 0]
     if no_val:
-        if "stratified" in splits.val_source:
+        if not splits.val_is_given:
             raise DatasetError(
                 f"{splits.source}: classes {no_val} have only 1 usable image; a class needs at least 2 (one to "
                 "train on, one to validate on). Add images to them, or remove those class folders.")

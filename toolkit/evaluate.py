@@ -62,7 +62,7 @@ def evaluation_split(data: str | Path):
     splits = load_splits(data, val_fraction=0.5, min_classes=1)  # the fraction only matters for a tree without splits
     if splits.test is not None and len(splits.test):
         return splits.test, splits, "test"
-    if "stratified" not in splits.val_source:
+    if splits.val_is_given:
         return splits.val, splits, "validation"
     merged = splits.train + splits.val
     if not len(merged):

@@ -42,7 +42,9 @@ def class_activation_map(member, image: np.ndarray, class_name: str | None = Non
         index = member.class_names.index(class_name)
     else:
         raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
-    cam = np.asarray(maps)[0, :, :, index]
+    maps = np.asarray(maps)[0]
+    # A cross-validated model has K heads, K x C maps (head k's at k*C..k*C+C-1): the class's map is their mean.
+    cam = maps.reshape(*maps.shape[:2], -1, len(probs)).mean(axis=2)[:, :, index]
     cam = tf.image.resize(cam[..., None], (h, w), method="bilinear").numpy()[..., 0]
     cam = (cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-12)
     return cam, index, probs

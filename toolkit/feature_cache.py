@@ -11,6 +11,7 @@ import numpy as np
 
 from toolkit import runs
 from toolkit.config import FinetuneConfig
+from toolkit.datasets import Split
 from toolkit.fit_data import FitData
 from toolkit.run_state import Run
 
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 # A feature-map cache larger than this (float16) is not built; the head then trains on images.
 MAX_CACHE_BYTES = 2 << 30
+CV_CACHE_FILE = "cv-features.npz"
 
 
 def cache_views(n_train: int, max_views: int, budget: int) -> int:
@@ -71,11 +73,7 @@ def feature_cache(run: Run, backbone, head, data: FitData):
     from toolkit.distribute import shard
 
     config, scale, splits = run.config, run.scale, data.splits
-    if head.is_linear:
-        pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="cache_pool")(backbone.output)
-        extractor = keras.Model(backbone.input, pooled)
-    else:
-        extractor = backbone
+    extractor = feature_extractor(backbone, head)
     name = "features.npz" if scale.workers == 1 else f"features-{scale.worker_index}of{scale.workers}.npz"
     cache_path = run.dir / runs.CACHE_DIR / name
     views_per_image = cache_views(len(splits.train), config.cache_views, config.cache_view_budget)
@@ -106,15 +104,53 @@ def feature_cache(run: Run, backbone, head, data: FitData):
     return head_model, train, data.arrays(val_x, val_y, False, len(splits.val))
 
 
-def read_feature_cache(path: Path) -> tuple[np.ndarray, ...] | None:
-    """(train_x, train_y, val_x, val_y) from a cache file; None when absent, or unreadable (with a warning)."""
+def feature_extractor(backbone, head):
+    """What the cache holds: the backbone's feature maps, or their average for a linear head."""
+    import keras
+
+    if not head.is_linear:
+        return backbone
+    pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="cache_pool")(backbone.output)
+    return keras.Model(backbone.input, pooled)
+
+
+def all_views_cache(run: Run, backbone, head, data: FitData, split: Split) -> np.ndarray:
+    """(views, images, ...) backbone outputs of every image of ``split`` (view 0 the centre crop, the others
+    augmented), computed once and kept in the run folder: what the fold heads of ``--cv`` train on."""
+    import keras
+
+    config = run.config
+    path = run.dir / runs.CACHE_DIR / CV_CACHE_FILE
+    cached = read_feature_cache(path, ("views",))
+    if cached is not None and cached[0].shape[1] == len(split):
+        logger.info("cross-validation: feature cache loaded from %s", path)
+        return cached[0]
+    n_views = cache_views(len(split), config.cache_views, config.cache_view_budget)
+    bar = keras.utils.Progbar(math.ceil(len(split) / config.batch_size) * n_views, unit_name="batch") if run.verbose else None
+    forward = inference(feature_extractor(backbone, head))
+    dtype = np.float32 if head.is_linear else np.float16
+    views = []
+    for v in range(n_views):  # view 0 the centre crop; each view in the split's order (no shuffling)
+        x, y = forward_all(forward, data.image_data(split, v > 0, 100 + v, shuffle=False), dtype, bar)
+        if not np.array_equal(y, np.asarray(split.labels)):
+            raise RuntimeError("cross-validation features came out of the image order")
+        views.append(x)
+    views = np.stack(views)
+    with runs.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, views=views)
+    return views
+
+
+def read_feature_cache(path: Path, keys=("train_x", "train_y", "val_x", "val_y")) -> tuple[np.ndarray, ...] | None:
+    """The arrays ``keys`` of a cache file; None when absent, or unreadable (with a warning)."""
     import zipfile
 
     if not path.is_file():
         return None
     try:
         with np.load(path) as cached:
-            return tuple(cached[key] for key in ("train_x", "train_y", "val_x", "val_y"))
+            return tuple(cached[key] for key in keys)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         logger.warning("stage 1: the feature cache %s is unreadable (%s: %s); computing it again", path,
                        type(exc).__name__, exc)

@@ -188,7 +188,19 @@ def _train(run: Run) -> FinetuneResult:
     # and the reported metrics come from the evaluation at the end, which has no padding.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
 
-    _stage1(run, model, head, inner, data, size, loss, head_lr)
+    from toolkit.feature_cache import cache_decision
+    from toolkit.folds import plan_folds
+
+    cached = cache_decision(config, head, inner, len(splits.train), size)
+    folds = plan_folds(config.cv, (splits.train + splits.val).counts(), plan.head_only, splits.val_is_given,
+                       cached[0] and scale.workers == 1)
+    logger.info("validation: %s", folds.reason)
+    if folds.active:
+        from toolkit.cross_validate import cross_validate
+
+        cv_model, evaluated = cross_validate(run, backbone, data, folds.folds, head_lr)
+        return _finish(run, cv_model, data, stats, plan, Stage.CV, evaluated)
+    _stage1(run, model, head, inner, data, cached, loss, head_lr)
     kept = Stage.HEAD
     if not plan.head_only and config.finetune_epochs > 0:
         kept = _stage2(run, model, inner, spec, plan, data, loss, finetune_lr, total_params)
@@ -199,15 +211,16 @@ def _trainable(model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-def _stage1(run: Run, model, head, inner, data, size: int, loss, head_lr: float) -> None:
-    """The head on the frozen backbone: on cached features when they fit, else on images."""
+def _stage1(run: Run, model, head, inner, data, cache: tuple[bool, str], loss, head_lr: float) -> None:
+    """The head on the frozen backbone: on cached features when they fit (``cache``: whether, and why), else on
+    images."""
     import keras
 
-    from toolkit.feature_cache import cache_decision, feature_cache
+    from toolkit.feature_cache import feature_cache
     from toolkit.stages import fit_stage
 
     start = time.perf_counter()
-    cached, reason = cache_decision(run.config, head, inner, len(run.splits.train), size)
+    cached, reason = cache
     logger.info("stage 1 (head): %s", reason)
     if cached:
         head_model, train_feats, val_feats = feature_cache(run, inner, head, data)
@@ -247,19 +260,28 @@ def _stage2(run: Run, model, inner, spec, plan, data, loss, finetune_lr: float, 
     return kept
 
 
-def _finish(run: Run, model, data, stats: dict, plan, kept: Stage) -> FinetuneResult:
-    """Evaluate, calibrate, write (every worker evaluates the whole validation split; only the chief writes)."""
+def _finish(run: Run, model, data, stats: dict, plan, kept: Stage, evaluated=None) -> FinetuneResult:
+    """Evaluate, calibrate, write (every worker evaluates the whole validation split; only the chief writes).
+
+    ``evaluated`` is a cross-validated run's :class:`toolkit.cross_validate.OutOfFold`: its out-of-fold
+    probabilities stand for the validation split's, over every labelled image.
+    """
     from toolkit.calibration import calibrate
     from toolkit.evaluate import classification_metrics
     from toolkit.feature_cache import forward_all, inference
-    from toolkit.report import run_metrics, write_run_outputs
+    from toolkit.report import accuracy_line, run_metrics, write_run_outputs
 
     config, scale, splits = run.config, run.scale, run.splits
     start = time.perf_counter()
-    probs, _ = forward_all(inference(model), data.image_data(splits.val, False))
-    labels = np.asarray(splits.val.labels)
+    if evaluated is None:
+        probs, _ = forward_all(inference(model), data.image_data(splits.val, False))
+        labels = np.asarray(splits.val.labels)
+    else:
+        probs, labels = evaluated.probs, evaluated.labels
     measured = classification_metrics(probs, labels, splits.class_names)
     metrics = run_metrics(measured, run)
+    if evaluated is not None:
+        metrics["cv"] = evaluated.summary(measured)
     calibration = calibrate(probs, labels)
     metrics.update(temperature=calibration["temperature"], ece_before=calibration["ece_before"],
                    ece_after=calibration["ece_after"])
@@ -274,8 +296,7 @@ def _finish(run: Run, model, data, stats: dict, plan, kept: Stage) -> FinetuneRe
         write_run_outputs(run, model, stats, plan, metrics, measured, probs, labels)
         run.state.finished = True
         run.save_state()
-        logger.info("finetune: validation accuracy %.4f on %d images; run written to %s", metrics["val_accuracy"],
-                    metrics["n_val"], run.final_dir)
+        logger.info("finetune: %s; run written to %s", accuracy_line(metrics), run.final_dir)
     if config.min_accuracy is not None and metrics["val_accuracy"] < config.min_accuracy:
         raise AccuracyGateError(
             f"validation accuracy {metrics['val_accuracy']:.4f} is below --min-accuracy {config.min_accuracy} "

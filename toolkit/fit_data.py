@@ -49,19 +49,22 @@ class FitData:
     def steps(self, n: int) -> int:
         return math.ceil(n / self.global_batch)
 
-    def image_data(self, split: Split, training: bool, seed_offset: int = 0):
-        """Batched (images, integer labels) of ``split``."""
+    def image_data(self, split: Split, training: bool, seed_offset: int = 0, shuffle: bool = True):
+        """Batched (images, integer labels) of ``split``; augmented views come in the split's order without
+        ``shuffle``."""
         from toolkit.pipeline import make_dataset
 
         config = self.config
         if training and self.compose is not None:
             from toolkit.workers import ProcessAugmentedDataset
 
-            workers = ProcessAugmentedDataset(split, self.compose, self.size, config.batch_size, seed=config.seed + seed_offset)
+            workers = ProcessAugmentedDataset(split, self.compose, self.size, config.batch_size, seed=config.seed + seed_offset,
+                                              shuffle=shuffle)
             self.closers.append(workers.close)
             return workers.dataset()
         ds = make_dataset(split, self.size, config.batch_size, training=training, seed=config.seed + seed_offset,
-                          augment_config=config.augment, pca=self.pca, crop_fraction=config.crop_fraction)
+                          augment_config=config.augment, pca=self.pca, crop_fraction=config.crop_fraction,
+                          shuffle=shuffle)
         if training and config.data_service:
             from toolkit.distribute import offload
 

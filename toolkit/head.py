@@ -20,24 +20,25 @@ from keras import layers
 CLASS_MAPS = "class_maps"
 LOGITS = "class_logits"
 PROBS = "probs"
+FOLD_PROBS = "fold_probs"
 BACKBONE = "backbone"
 
 
 class NINHead:
-    def __init__(self, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
+    def __init__(self, num_classes: int, bottleneck: int = 0, dropout: float = 0.2, prefix: str = ""):
         self.num_classes = num_classes
         self.bottleneck = bottleneck
         self.layers: list[layers.Layer] = []
         if bottleneck:
             self.layers += [
-                layers.Conv2D(bottleneck, 1, use_bias=False, name="nin_bottleneck_conv"),
-                layers.BatchNormalization(name="nin_bottleneck_bn"),
-                layers.ReLU(name="nin_bottleneck_relu"),
+                layers.Conv2D(bottleneck, 1, use_bias=False, name=f"{prefix}nin_bottleneck_conv"),
+                layers.BatchNormalization(name=f"{prefix}nin_bottleneck_bn"),
+                layers.ReLU(name=f"{prefix}nin_bottleneck_relu"),
             ]
         if dropout:
-            self.layers.append(layers.Dropout(dropout, name="nin_dropout"))
+            self.layers.append(layers.Dropout(dropout, name=f"{prefix}nin_dropout"))
         self.layers += [
-            layers.Conv2D(num_classes, 1, name=CLASS_MAPS),
+            layers.Conv2D(num_classes, 1, name=f"{prefix}{CLASS_MAPS}"),
             layers.GlobalAveragePooling2D(name=LOGITS),
             # float32 softmax keeps probabilities exact under mixed precision.
             layers.Activation("softmax", dtype="float32", name=PROBS),
@@ -52,6 +53,13 @@ class NINHead:
     def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
         x = features
         for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def maps(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        """The per-class maps only (the layers before pooling)."""
+        x = features
+        for layer in self.layers[:-2]:
             x = layer(x)
         return x
 
@@ -82,3 +90,43 @@ def build_classifier(
     backbone = keras.Model(backbone.input, backbone.output, name=BACKBONE)
     features = backbone(inputs, training=False) if batchnorm_inference else backbone(inputs)
     return keras.Model(inputs, head(features), name="classifier")
+
+
+class FoldHeads:
+    """K NIN heads on one backbone, one per cross-validation fold (``--cv K``): one network, one backbone pass.
+
+    Each head's class maps are concatenated (the layer named :data:`CLASS_MAPS`, K x C channels, head k's
+    maps at channels k*C .. k*C+C-1), pooled, split per head (:data:`FOLD_PROBS`: a softmax per head,
+    shape (K, C)) and averaged (:data:`PROBS`). Built from Keras' own layers only, so the saved model loads
+    in safe mode and ``predict``, ``evaluate`` and ``export`` see an ordinary classifier.
+    """
+
+    def __init__(self, folds: int, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
+        self.folds, self.num_classes, self.bottleneck = folds, num_classes, bottleneck
+        self.heads = [NINHead(num_classes, bottleneck, dropout, prefix=f"fold{k}_") for k in range(folds)]
+        self.concat = layers.Concatenate(name=CLASS_MAPS)
+        self.pool = layers.GlobalAveragePooling2D(name=LOGITS)
+        self.split = layers.Reshape((folds, num_classes), name="fold_logits")
+        self.softmax = layers.Activation("softmax", dtype="float32", name=FOLD_PROBS)
+        self.mean = layers.GlobalAveragePooling1D(dtype="float32", name=PROBS)  # the mean over the K heads
+
+    @property
+    def is_linear(self) -> bool:
+        return not self.bottleneck
+
+    def head_layers(self, k: int) -> list[layers.Layer]:
+        """Head k's own layers (those with weights are what its best epoch restores)."""
+        return self.heads[k].layers[:-2]
+
+    def per_fold(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        """(batch, K, C): each head's probabilities."""
+        maps = self.concat([head.maps(features) for head in self.heads])
+        return self.softmax(self.split(self.pool(maps)))
+
+    def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        return self.mean(self.per_fold(features))
+
+    def on_features(self, feature_shape: tuple) -> keras.Model:
+        """The K heads alone, on cached backbone features of ``feature_shape``, giving (batch, K, C)."""
+        inputs = keras.Input(shape=feature_shape, name="features")
+        return keras.Model(inputs, self.per_fold(inputs), name="fold_heads")

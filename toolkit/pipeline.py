@@ -117,12 +117,15 @@ def make_dataset(
     pca: dict | None = None,
     crop_fraction: float = DEFAULT_CROP_FRACTION,
     drop_remainder: bool = False,
+    shuffle: bool = True,
 ) -> tf.data.Dataset:
-    """Batched ``(images, labels)``. Training shuffles and augments; deterministic for a seed."""
+    """Batched ``(images, labels)``. Training shuffles (unless ``shuffle`` is off: augmented views in the split's
+    order) and augments; deterministic for a seed."""
     ds = _source(split)
     if training:
         config = augment_config or AugmentConfig()
-        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        if shuffle:
+            ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
         # One stateless seed per image: reproducible for a given seed, new every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds))

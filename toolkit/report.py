@@ -76,6 +76,17 @@ def run_metrics(measured: dict[str, Any], run: Run) -> dict[str, Any]:
     return out
 
 
+def accuracy_line(metrics: dict[str, Any]) -> str:
+    """The run's accuracy for people, with its uncertainty: out-of-fold for a cross-validated run."""
+    cv = metrics.get("cv")
+    if cv:
+        low, high = cv["accuracy_ci95"]
+        return (f"expected accuracy on new images: {cv['accuracy']:.4f} (95% CI {low:.2f}–{high:.2f}), "
+                f"{cv['folds']}-fold cross-validation over {cv['n_images']} images (fold accuracies "
+                f"{min(cv['fold_accuracy']):.2f}–{max(cv['fold_accuracy']):.2f})")
+    return "validation accuracy: " + describe(metrics["val_accuracy"], metrics["n_val"], metrics["val_accuracy_ci95"])
+
+
 def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
     lines = [f"freeze plan: {plan.describe()}"]
     for stage, s in run.state.stages.items():
@@ -85,9 +96,9 @@ def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
         lines.append("kept: the fine-tuned classifier (stage 2 lowered the validation loss)"
                      if metrics["kept_stage"] == Stage.FINETUNE.value
                      else "kept: the stage-1 classifier (stage 2 did not lower the validation loss)")
-    lines.append("final validation accuracy: " + describe(metrics["val_accuracy"], metrics["n_val"],
-                                                          metrics["val_accuracy_ci95"]))
-    lines.append(f"calibration: temperature {metrics['temperature']:.3f} fitted on the validation split; "
+    lines.append(accuracy_line(metrics))
+    on = "the out-of-fold probabilities of all images" if metrics.get("cv") else "the validation split"
+    lines.append(f"calibration: temperature {metrics['temperature']:.3f} fitted on {on}; "
                  f"ECE {metrics['ece_before']:.4f} before, {metrics['ece_after']:.4f} after")
     return lines
 

@@ -32,6 +32,7 @@ class Stage(str, enum.Enum):
 
     HEAD = "head"
     FINETUNE = "finetune"
+    CV = "cv"  # the K fold heads of a cross-validated run, trained together (toolkit.fold_heads)
 
     def best_weights(self, folder: Path) -> Path:
         return folder / f"{self.value}.best.weights.h5"
@@ -67,6 +68,10 @@ class StageState:
     wait: int = 0  # epochs since the best one
     epochs_done: int = 0
     done: bool = False
+    # Stage.CV: the same per fold head (best_loss is then their mean, best_epoch the latest, wait the least)
+    fold_best_loss: list[float] = dataclasses.field(default_factory=list)
+    fold_best_epoch: list[int] = dataclasses.field(default_factory=list)
+    fold_wait: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -46,17 +46,25 @@ HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 ENSEMBLE_FILE = "ensemble.json"
 CACHE_DIR = "cache"
+FOLDS_FILE = "folds.csv"  # a cross-validated run: path, label, fold of every labelled image
+CV_BEST_FILE = "cv.best.npz"  # a cross-validated run: every fold head's weights at its own best epoch
+AUDIT_FILE = "audit.csv"  # toolkit audit (and a cross-validated run): the findings, most suspicious first
+AUDIT_GALLERY = "audit.png"
+AUDIT_MANIFEST = "audit-manifest.csv"  # path,label[,split] with the suggested labels applied
+AUDIT_SUMMARY = "audit.json"
+_AUDIT = (AUDIT_FILE, AUDIT_GALLERY, AUDIT_MANIFEST, AUDIT_SUMMARY)
 
 _COMMON = (MARKER, LOCK_FILE, ".tmp-*")
 # What the toolkit writes at the top of each kind of folder; --overwrite refuses a folder holding anything else.
 WRITTEN: dict[str, tuple[str, ...]] = {
     "run": _COMMON + (MODEL_FILE, RECIPE_FILE, STATE_FILE, CLASSES_FILE, CALIBRATION_FILE, METRICS_FILE, PCA_FILE,
                       DATA_FILE, REPORT_FILE, REPORT_HTML_FILE, HISTORY_FILE, CURVES_FILE, "*.weights.h5", CACHE_DIR,
-                      TENSORBOARD_DIR),
+                      TENSORBOARD_DIR, FOLDS_FILE, CV_BEST_FILE) + _AUDIT,
     "ensemble": _COMMON + (ENSEMBLE_FILE, METRICS_FILE),  # and its member runs, each marked itself
     "evaluation": _COMMON + (METRICS_FILE, "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
                              "mistakes.png"),
     "explain": _COMMON + ("*.png",),
+    "audit": _COMMON + _AUDIT + (CACHE_DIR,),
     "export": _COMMON + (CLASSES_FILE, "savedmodel", "model.tflite", "model.onnx"),
 }
 # The header every predictions CSV starts with: --overwrite replaces only such a file.

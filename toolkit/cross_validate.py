@@ -1,0 +1,110 @@
+"""A cross-validated run (``--cv K``): every labelled image trains, and every image is scored by a head that
+never saw it.
+
+1. The labelled images (train and validation pooled) are split into K stratified, seeded folds.
+2. The frozen backbone's outputs for every image and view are computed once (:func:`all_views_cache`).
+3. K heads train together on them, head k masked off fold k (:mod:`toolkit.fold_heads`).
+4. The run's model is one network, the backbone then the K heads averaged (:class:`toolkit.head.FoldHeads`);
+   its out-of-fold probabilities are the run's accuracy estimate, calibration set, and audit input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from toolkit import runs
+from toolkit.run_state import Run, Stage
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclasses.dataclass
+class OutOfFold:
+    """Every labelled image's probabilities from the head that did not train on it, and its fold."""
+
+    probs: np.ndarray  # (images, classes)
+    labels: np.ndarray
+    fold_of: np.ndarray
+    best_epochs: list[int]
+    features: np.ndarray | None = None  # (images, channels): pooled centre-crop features, for the audit
+    paths: tuple[str, ...] = ()
+
+    def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
+        """metrics.json's ``cv`` block, from :func:`toolkit.evaluate.classification_metrics` of ``probs``."""
+        folds = int(self.fold_of.max()) + 1
+        correct = self.probs.argmax(1) == self.labels
+        per_fold = [float(correct[self.fold_of == k].mean()) for k in range(folds)]
+        return {
+            "folds": folds,
+            "n_images": int(len(self.labels)),
+            "accuracy": measured["accuracy"],
+            "accuracy_ci95": measured["accuracy_ci95"],
+            "interval": "Wilson score, 95 %, over the out-of-fold predictions of all images",
+            "log_loss": measured["nll"],
+            "fold_accuracy": per_fold,
+            "fold_accuracy_sd": float(np.std(per_fold, ddof=1)),
+            "fold_best_epoch": self.best_epochs,
+            "per_class": {name: {"precision": v["precision"], "recall": v["recall"], "support": v["support"]}
+                          for name, v in measured["per_class"].items()},
+            "confusion_matrix": measured["confusion_matrix"],
+        }
+
+
+def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
+    """Train the K fold heads of ``run`` on its cached features; (the K-head classifier, :class:`OutOfFold`)."""
+    from toolkit.feature_cache import all_views_cache
+    from toolkit.fit_data import class_weights
+    from toolkit.fold_heads import FoldSettings, fit_fold_heads, load_best, load_last, save_best
+    from toolkit.folds import assign_folds, out_of_fold
+    from toolkit.head import FoldHeads, build_classifier
+
+    config, splits = run.config, run.splits
+    pooled = splits.train + splits.val
+    labels = np.asarray(pooled.labels)
+    fold_of = assign_folds(labels, folds, config.seed)
+    if not (run.dir / runs.FOLDS_FILE).is_file():
+        import pandas as pd
+
+        frame = pd.DataFrame({"path": pooled.paths, "label": [pooled.class_names[y] for y in labels], "fold": fold_of})
+        runs.write_text(run.dir / runs.FOLDS_FILE, frame.to_csv(index=False))
+    holdout_views = len(splits.train) * config.cache_views + len(splits.val)
+    logger.info("cross-validation: %d folds over %d images; the backbone runs over every image's views, about "
+                "%.1fx the images of a holdout run's cache, then %d heads train together on them", folds, len(pooled),
+                len(pooled) * config.cache_views / max(holdout_views, 1), folds)
+    heads = FoldHeads(folds, len(splits.class_names), config.bottleneck, config.dropout)
+    start = time.perf_counter()
+    views = all_views_cache(run, backbone, heads, data, pooled)
+    run.timed("cv_features_s", start)
+
+    start = time.perf_counter()
+    weights = class_weights(list(pooled.counts().values()), config.class_weights)
+    weights = None if weights is None else np.asarray([weights[i] for i in range(len(splits.class_names))])
+    best_path, last_path = run.dir / runs.CV_BEST_FILE, Stage.CV.last_weights(run.dir)
+
+    def store(model, progress, best) -> None:
+        with runs.atomic_path(last_path) as tmp:
+            model.save_weights(tmp)
+        save_best(best_path, best)
+        run.save_state()
+
+    def resume_from(model) -> dict:
+        load_last(model, last_path)
+        return load_best(best_path)
+
+    settings = FoldSettings(head_lr, config.label_smoothing, config.batch_size, config.head_epochs,
+                            config.early_stopping_patience, config.seed)
+    progress = run.state.stage(Stage.CV)
+    per_head = fit_fold_heads(heads, views, labels, fold_of, settings, weights, progress, store, resume_from,
+                              verbose=run.verbose)
+    run.save_state()
+    run.timed("cv_heads_s", start)
+    model = build_classifier(backbone, heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
+    pooled_features = views[0].reshape(len(pooled), -1, views.shape[-1]).mean(axis=1).astype(np.float32)
+    return model, OutOfFold(out_of_fold(per_head, fold_of), labels, fold_of, list(progress.fold_best_epoch),
+                            pooled_features, pooled.paths)

@@ -1,0 +1,115 @@
+"""Cross-validation folds: what ``--cv`` means for a run, the stratified fold of every image, the training
+mask of each fold head, and the out-of-fold probabilities. Pure functions on arrays (scikit-learn's
+``StratifiedKFold`` assigns the folds); the heads themselves are trained in :mod:`toolkit.fold_heads`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from toolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+AUTO_FOLDS = 5  # --cv auto: 5-fold (each head trains on 80 %, as today's holdout run does)
+CV_MODES = ("auto", "off")
+
+
+def parse_cv(value: str) -> int | str:
+    """``auto``, ``off``, or the number of folds (an integer >= 2)."""
+    text = str(value).strip().lower()
+    if text in CV_MODES:
+        return text
+    try:
+        folds = int(text)
+    except ValueError:
+        folds = None
+    if folds is None or folds < 2:
+        raise UserError(f"cv must be auto, off or a number of folds >= 2 (at most the image count of the smallest "
+                        f"class). Received: cv={value!r}")
+    return folds
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldPlan:
+    """How a run validates: ``folds`` = 0 for today's holdout, else K-fold cross-validation; and why."""
+
+    folds: int
+    reason: str
+
+    @property
+    def active(self) -> bool:
+        return self.folds >= 2
+
+
+def plan_folds(cv: str, class_counts: dict[str, int], head_only: bool, explicit_val: bool, cached: bool) -> FoldPlan:
+    """Decide the folds from ``--cv`` and the data (``class_counts``: labelled images per class, train and val
+    pooled). An explicit K larger than the smallest class is a user error; ``auto`` falls back to fewer folds."""
+    mode = parse_cv(cv)
+    smallest_class, smallest = min(class_counts.items(), key=lambda item: item[1])
+    if mode == "off":
+        return FoldPlan(0, "holdout validation (--cv off)")
+    if mode == "auto":
+        if not head_only:
+            return FoldPlan(0, "holdout validation (--cv auto: the freeze plan trains backbone stages)")
+        if explicit_val:
+            return FoldPlan(0, "holdout validation (--cv auto: the data has its own validation split; --cv 5 pools it)")
+        if not cached:
+            return FoldPlan(0, "holdout validation (--cv auto: the head trains on images, not cached features)")
+        folds = min(AUTO_FOLDS, smallest)
+        if folds < 2:
+            return FoldPlan(0, f"holdout validation (--cv auto: class {smallest_class!r} has {smallest} image)")
+        if folds < AUTO_FOLDS:
+            logger.warning("--cv auto: class %r has only %d images, so %d folds instead of %d", smallest_class,
+                           smallest, folds, AUTO_FOLDS)
+        return FoldPlan(folds, f"{folds}-fold cross-validation over all {sum(class_counts.values())} labelled images")
+    if mode > smallest:
+        raise UserError(f"--cv {mode}: class {smallest_class!r} has only {smallest} labelled images, and every fold "
+                        f"needs one of each class; use --cv between 2 and {smallest}, or auto. Received: cv={cv!r}")
+    if not head_only:
+        raise UserError(f"--cv {mode} with a freeze plan that trains backbone stages is not supported yet: use "
+                        f"--freeze all (head only) with --cv, or --cv off. Received: cv={cv!r}")
+    if not cached:
+        raise UserError(f"--cv {mode} trains its heads on cached features; the recipe turns the cache off or it "
+                        f"would not fit. Use --cache-features auto, or --cv off. Received: cv={cv!r}")
+    return FoldPlan(mode, f"{mode}-fold cross-validation over all {sum(class_counts.values())} labelled images")
+
+
+def assign_folds(labels: Sequence[int], folds: int, seed: int) -> np.ndarray:
+    """The fold (0..folds-1) of every image: stratified by class, shuffled with ``seed``, every image in one fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    out = np.empty(len(labels), dtype=np.int32)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        out[held_out] = k
+    return out
+
+
+def training_mask(fold_of: np.ndarray, heads: int) -> np.ndarray:
+    """(images, heads) weights: head k trains on every image outside fold k (1), never on its own fold (0)."""
+    return (np.asarray(fold_of)[:, None] != np.arange(heads)[None, :]).astype(np.float32)
+
+
+def out_of_fold(per_head: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
+    """(images, classes) probabilities of each image from the one head that never trained on it.
+
+    ``per_head`` is (images, heads, classes). Images whose fold has no head (the training part of a holdout,
+    ``fold_of`` >= heads) get NaN rows; callers keep only held-out images.
+    """
+    fold_of = np.asarray(fold_of)
+    out = np.full((len(fold_of), per_head.shape[2]), np.nan, dtype=np.float64)
+    held = fold_of < per_head.shape[1]
+    out[held] = per_head[np.flatnonzero(held), fold_of[held]]
+    return out
+
+
+def holdout_folds(n: int, val_indices: Sequence[int]) -> np.ndarray:
+    """A holdout as folds for one head: fold 0 the validation images, fold 1 (no head) the training images."""
+    fold_of = np.ones(n, dtype=np.int32)
+    fold_of[np.asarray(val_indices, dtype=int)] = 0
+    return fold_of
