@@ -86,6 +86,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Give every label a second look: every labelled image of --data (all splits) is scored by fold heads that
+    did not train on it, and cleanlab finds label issues, near-duplicates (across splits: leakage) and
+    outliers. Writes audit.csv (most suspicious first), audit.png (the top findings), audit-manifest.csv
+    (path,label,split with the suggested labels applied: review it, then `toolkit finetune --data` it) and
+    audit.json into --out. No trained model needed; --model RUN uses that run's backbone and image size."""
+    from toolkit.audit_data import audit_data
+
+    summary = audit_data(args.data, args.out, args.model, args.overwrite, args.folds, verbose=0 if args.quiet else 1)
+    f = summary["findings"]
+    print(f"{summary['images']} images audited: {f['label']} label issues, {f['near_duplicate']} near-duplicate pairs "
+          f"({summary['near_duplicates_across_splits']} across splits), {f['outlier']} outliers; written to {args.out}")
+    return 0
+
+
 def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "predict", _cmd_predict, "predict classes of new images, to CSV")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
@@ -112,3 +127,11 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="input size of the exported model (default: the "
                    "run's); the classifier is fully convolutional")
     p.add_argument("--out", required=True, help="output folder")
+
+    p = subcommand(sub, "audit", _cmd_audit, "find label issues, near-duplicates and outliers in a dataset")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    p.add_argument("--model", default=None, metavar="RUN", help="use this run's backbone and image size (default: "
+                   "the default backbone)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds for the out-of-fold scores (>= 2)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier audit folder")

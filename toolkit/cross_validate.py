@@ -106,5 +106,19 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     run.timed("cv_heads_s", start)
     model = build_classifier(backbone, heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
     pooled_features = views[0].reshape(len(pooled), -1, views.shape[-1]).mean(axis=1).astype(np.float32)
-    return model, OutOfFold(out_of_fold(per_head, fold_of), labels, fold_of, list(progress.fold_best_epoch),
-                            pooled_features, pooled.paths)
+    evaluated = OutOfFold(out_of_fold(per_head, fold_of), labels, fold_of, list(progress.fold_best_epoch),
+                          pooled_features, pooled.paths)
+    _audit(run, evaluated)
+    return model, evaluated
+
+
+def _audit(run: Run, evaluated: OutOfFold) -> None:
+    """The data audit of a cross-validated run, into its folder (audit.csv and the rest; see toolkit.audit)."""
+    from toolkit.audit import AuditInput, find_issues, write_audit
+
+    start = time.perf_counter()
+    splits = run.splits
+    names = ["train"] * len(splits.train) + ["val"] * len(splits.val)
+    audit = AuditInput(evaluated.paths, evaluated.labels, splits.class_names, evaluated.probs, evaluated.features, names)
+    write_audit(run.dir, audit, find_issues(audit))
+    run.timed("audit_s", start)

@@ -1,0 +1,191 @@
+"""``toolkit audit``: a second look at every label, with cleanlab.
+
+Given every labelled image's out-of-fold probabilities (no model scored an image it trained on) and its
+pooled backbone features, it finds:
+
+* **label issues**: images whose given label the out-of-fold probabilities contradict (cleanlab's
+  ``find_label_issues``, confident learning; scored by ``get_label_quality_scores``);
+* **near-duplicates**: pairs whose cosine distance is far below the usual distance from an image to its
+  nearest neighbour (cleanlab's near-duplicate rule, on scikit-learn's ``NearestNeighbors``: cleanlab's own
+  check lives in its Datalab, which needs the heavy ``datasets`` package): resized, re-encoded, cropped or
+  mirrored copies; a pair across splits (train vs val/test) is leakage;
+* **outliers**: images far from every other image in feature space (cleanlab's ``OutOfDistribution``).
+
+Written: ``audit.csv`` (``path, issue, given_label, suggested_label, score, duplicate_of, note``; most
+suspicious first), ``audit.png`` (a gallery of the top findings), ``audit-manifest.csv`` (``path,label,split``
+with the suggested labels applied: review it, then ``finetune --data`` it) and ``audit.json`` (counts).
+A cross-validated ``finetune`` audits its own data into its run folder; ``toolkit audit`` works without any
+trained model (see :mod:`toolkit.audit_data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from toolkit import runs
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["path", "issue", "given_label", "suggested_label", "score", "duplicate_of", "note"]
+# A pair of images is a near-duplicate when its cosine distance is below this fraction of the median
+# distance between an image and its nearest neighbour (cleanlab's relative threshold; its default is 0.13).
+NEAR_DUPLICATE_THRESHOLD = 0.13
+OUTLIER_THRESHOLD = 0.37037  # cleanlab Datalab's default for features
+GALLERY_SIZE = 24
+
+
+@dataclasses.dataclass
+class AuditInput:
+    """What an audit looks at: every labelled image, its out-of-fold probabilities and pooled features."""
+
+    paths: Sequence[str]
+    labels: np.ndarray  # integer labels into class_names
+    class_names: Sequence[str]
+    probs: np.ndarray  # (images, classes) out-of-fold
+    features: np.ndarray  # (images, channels)
+    splits: Sequence[str] = ()  # train / val / test of each image; empty: all one split
+
+    def split_of(self, i: int) -> str:
+        return self.splits[i] if len(self.splits) else "train"
+
+
+def find_issues(audit: AuditInput, near_duplicate_threshold: float = NEAR_DUPLICATE_THRESHOLD):
+    """The findings as a DataFrame of :data:`COLUMNS`, most suspicious first (``score`` in [0, 1])."""
+    import pandas as pd
+    from cleanlab.filter import find_label_issues
+    from cleanlab.outlier import OutOfDistribution
+    from cleanlab.rank import get_label_quality_scores
+
+    names = list(audit.class_names)
+    labels, probs = np.asarray(audit.labels), np.asarray(audit.probs)
+    features = _unit(audit.features)
+    rows = []
+    quality = get_label_quality_scores(labels, probs)
+    for i in np.flatnonzero(find_label_issues(labels, probs)):
+        rows.append([audit.paths[i], "label", names[labels[i]], names[int(probs[i].argmax())], 1.0 - float(quality[i]),
+                     "", f"out-of-fold probability of the given label {probs[i, labels[i]]:.2f}"])
+    rows += _near_duplicate_rows(audit, features, near_duplicate_threshold)
+    outlier_scores = OutOfDistribution().fit_score(features=features, verbose=False)
+    for i in np.flatnonzero(outlier_scores < _outlier_cut(outlier_scores)):
+        rows.append([audit.paths[i], "outlier", names[labels[i]], "", 1.0 - float(outlier_scores[i]), "",
+                     "far from every other image"])
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _outlier_cut(scores: np.ndarray) -> float:
+    """The score below which an image is an outlier: cleanlab Datalab's rule (average distance to the nearest
+    neighbours above Q3 + (1/0.37037 - 1) x IQR), applied to ``-log(score)``, an affine map of that distance."""
+    distance = -np.log(np.clip(scores, 1e-300, 1.0))
+    q1, q3 = np.percentile(distance, [25, 75])
+    return float(np.exp(-(q3 + (1 / OUTLIER_THRESHOLD - 1) * (q3 - q1))))
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def near_duplicate_pairs(features: np.ndarray, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[tuple[int, int, float]]:
+    """(i, j, cosine distance) with i < j for every pair closer than ``threshold`` x the median distance from an
+    image to its nearest neighbour (cleanlab's near-duplicate rule), over unit-length ``features``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(10, len(features) - 1)
+    if k < 1:
+        return []
+    index = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(features)
+    distances, neighbours = index.kneighbors(features)
+    radius = threshold * max(float(np.median(distances[:, 1])), 1e-12)
+    pairs = {}
+    for i in range(len(features)):
+        for d, j in zip(distances[i, 1:], neighbours[i, 1:]):
+            if d < radius and j != i:
+                pairs[(min(i, int(j)), max(i, int(j)))] = float(d)
+    return [(i, j, d) for (i, j), d in sorted(pairs.items())]
+
+
+def _near_duplicate_rows(audit: AuditInput, features: np.ndarray, threshold: float) -> list[list]:
+    """One row per near-duplicate pair (the later image, ``duplicate_of`` the earlier); pairs across splits are
+    marked as leakage."""
+    names = list(audit.class_names)
+    rows = []
+    for a, b, distance in near_duplicate_pairs(features, threshold):
+        splits = (audit.split_of(a), audit.split_of(b))
+        note = f"{splits[0]} vs {splits[1]}: leakage across splits" if splits[0] != splits[1] else f"both in {splits[0]}"
+        if audit.labels[a] != audit.labels[b]:
+            note += f"; labelled {names[audit.labels[a]]!r} and {names[audit.labels[b]]!r}"
+        rows.append([audit.paths[b], "near_duplicate", names[audit.labels[b]], names[audit.labels[a]],
+                     float(np.clip(1.0 - distance, 0.0, 1.0)), audit.paths[a], note])
+    return rows
+
+
+def manifest(audit: AuditInput, findings) -> str:
+    """``path,label,split`` of every image, with the suggested labels of the ``label`` findings applied."""
+    import pandas as pd
+
+    labels = [audit.class_names[y] for y in audit.labels]
+    relabel = {row.path: row.suggested_label for row in findings.itertuples() if row.issue == "label"}
+    frame = pd.DataFrame({"path": [str(Path(p).resolve()) for p in audit.paths],
+                          "label": [relabel.get(p, y) for p, y in zip(audit.paths, labels)],
+                          "split": [audit.split_of(i) for i in range(len(audit.paths))]})
+    return frame.to_csv(index=False)
+
+
+def gallery_png(findings, most: int = GALLERY_SIZE) -> bytes:
+    """The top findings: thumbnail, issue, given → suggested label (or the duplicate's file), score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    top = findings.head(most)
+    cols = 6
+    rows = max(1, -(-len(top) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), top.itertuples()):
+        try:
+            with Image.open(row.path) as image:
+                image.draft("RGB", (160, 160))
+                image = image.convert("RGB")
+                image.thumbnail((160, 160))
+                ax.imshow(np.asarray(image))
+        except OSError:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+        if row.issue == "near_duplicate":
+            what = f"copy of {Path(row.duplicate_of).name}"[:28]
+        elif row.issue == "label":
+            what = f"{row.given_label} → {row.suggested_label}"
+        else:
+            what = f"outlier ({row.given_label})"
+        ax.set_title(f"{row.issue}\n{what}\nscore {row.score:.2f}", fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_audit(folder: Path, audit: AuditInput, findings) -> dict:
+    """audit.csv, audit-manifest.csv, audit.png and audit.json into ``folder``; returns the summary."""
+    runs.write_text(folder / runs.AUDIT_FILE, findings.to_csv(index=False))
+    runs.write_text(folder / runs.AUDIT_MANIFEST, manifest(audit, findings))
+    runs.write_bytes(folder / runs.AUDIT_GALLERY, gallery_png(findings))
+    counts = {kind: int((findings["issue"] == kind).sum()) for kind in ("label", "near_duplicate", "outlier")}
+    leakage = int(findings["note"].str.contains("leakage", regex=False).sum())
+    summary = {"images": len(audit.paths), "findings": counts, "near_duplicates_across_splits": leakage,
+               "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD}
+    runs.write_json(folder / runs.AUDIT_SUMMARY, summary)
+    logger.info("audit of %d images: %d label issues, %d near-duplicate pairs (%d across splits), %d outliers; "
+                "written to %s", len(audit.paths), counts["label"], counts["near_duplicate"], leakage, counts["outlier"],
+                folder)
+    return summary
