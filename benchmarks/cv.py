@@ -9,8 +9,11 @@ computed once through the toolkit's own pipeline, then for each split seed:
 
 * holdout (today's run, `--cv off`): a stratified 80/20 split; one head trains on the 80 % and is
   early-stopped on the 20 %; it reports its validation accuracy with a 95 % Wilson interval.
-* k-fold (`--cv 5`): five heads trained together on all images, each masked off and early-stopped on its
-  own fold (`toolkit.fold_heads`); the model averages them; it reports the out-of-fold accuracy.
+* 5-fold (`--cv 5 --cv-repeats 1`): five heads trained together on all images, each masked off and
+  early-stopped on its own fold (`toolkit.fold_heads`); the model averages them; it reports the
+  out-of-fold accuracy.
+* 5-fold x 3 (`--cv 5`, the default 3 repeats): the same with three differently shuffled 5-fold splits,
+  15 heads; each image's estimate averages the 3 heads that never saw it.
 
 Both use `toolkit.fold_heads.fit_fold_heads` (the holdout is one head whose fold is the 20 %).
 
@@ -72,16 +75,16 @@ def draw(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
                                    for c in range(labels.max() + 1)]))
 
 
-def train(views: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, heads: int, seed: int):
+def train(views: np.ndarray, labels: np.ndarray, held: np.ndarray, seed: int):
     import keras
 
     from toolkit.fold_heads import FoldSettings, fit_fold_heads
     from toolkit.head import FoldHeads
 
     keras.utils.set_random_seed(seed)
-    model_heads = FoldHeads(heads, int(labels.max()) + 1)
+    model_heads = FoldHeads(held.shape[1], int(labels.max()) + 1)
     start = time.perf_counter()
-    per_head = fit_fold_heads(model_heads, views, labels, fold_of, FoldSettings(seed=seed))
+    per_head = fit_fold_heads(model_heads, views, labels, held, FoldSettings(seed=seed))
     return model_heads, per_head, time.perf_counter() - start
 
 
@@ -94,7 +97,7 @@ def test_accuracy(model_heads, test_x: np.ndarray, test_y: np.ndarray) -> float:
 
 def compare(name: str, pool, views: np.ndarray, test_x, test_y, per_class: int | None, seeds: int) -> list[dict]:
     from toolkit.datasets import stratified_split
-    from toolkit.folds import assign_folds, holdout_folds, out_of_fold
+    from toolkit.folds import assign_folds, held_out, holdout_folds, out_of_fold
     from toolkit.uncertainty import accuracy_interval
 
     rows = []
@@ -106,10 +109,11 @@ def compare(name: str, pool, views: np.ndarray, test_x, test_y, per_class: int |
         # holdout: the toolkit's own stratified split, 20 % held out
         _, val = stratified_split(sub, 0.2, seed)
         val_index = [sub.paths.index(p) for p in val.paths]
-        for method, fold_of, heads in (("holdout", holdout_folds(len(idx), val_index), 1),
-                                       ("5-fold", assign_folds(labels, 5, seed), 5)):
-            model_heads, per_head, seconds = train(v, labels, fold_of, heads, seed)
-            oof = out_of_fold(per_head, fold_of)
+        for method, held in (("holdout", held_out(holdout_folds(len(idx), val_index), 1)),
+                             ("5-fold", held_out(assign_folds(labels, 5, seed), 5)),
+                             ("5-fold x 3", held_out(assign_folds(labels, 5, seed, repeats=3), 5))):
+            model_heads, per_head, seconds = train(v, labels, held, seed)
+            oof = out_of_fold(per_head, held)
             held = ~np.isnan(oof[:, 0])
             correct = int((oof[held].argmax(1) == labels[held]).sum())
             estimate, n = correct / held.sum(), int(held.sum())
@@ -118,7 +122,7 @@ def compare(name: str, pool, views: np.ndarray, test_x, test_y, per_class: int |
             rows.append({"dataset": name, "method": method, "seed": seed, "images": len(idx), "test": test,
                          "estimate": estimate, "n_estimate": n, "ci95": [low, high], "covered": low <= test <= high,
                          "train_s": seconds})
-            print(f"  {name} seed {seed} {method:8s} test {test:.4f} estimate {estimate:.4f} on {n} "
+            print(f"  {name} seed {seed} {method:10s} test {test:.4f} estimate {estimate:.4f} on {n} "
                   f"[{low:.3f}, {high:.3f}] {seconds:.1f} s", flush=True)
     return rows
 
@@ -127,7 +131,7 @@ def table(rows: list[dict]) -> str:
     out = ["| subset | method | test accuracy (mean ± sd) | estimate − test (mean ± sd) | mean abs(estimate − test) "
            "| interval holds test | head training (s) |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        for method in ("holdout", "5-fold"):
+        for method in ("holdout", "5-fold", "5-fold x 3"):
             sel = [r for r in rows if r["dataset"] == name and r["method"] == method]
             test = np.array([r["test"] for r in sel])
             gap = np.array([r["estimate"] - r["test"] for r in sel])
@@ -147,7 +151,7 @@ def whole_runs(pool, per_class: int) -> dict[str, float]:
             (data / name).mkdir(parents=True)
             for i in draw(labels, per_class, 0)[labels[draw(labels, per_class, 0)] == c]:
                 (data / name / Path(pool.paths[i]).name).symlink_to(pool.paths[i])
-        for cv in ("off", "5"):
+        for cv in ("off", "5"):  # --cv 5 with the default 3 repeats
             start = time.perf_counter()
             subprocess.run([str(Path(sys.executable).parent / "toolkit"), "-q", "finetune", "--data", str(data), "--cv", cv,
                             "--freeze", "all", "--out", str(Path(tmp) / f"run-{cv}")], check=True, cwd=REPO)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -132,7 +133,7 @@ def manifest(audit: AuditInput, findings) -> str:
 
     labels = [audit.class_names[y] for y in audit.labels]
     relabel = {row.path: row.suggested_label for row in findings.itertuples() if row.issue == "label"}
-    frame = pd.DataFrame({"path": [str(Path(p).resolve()) for p in audit.paths],
+    frame = pd.DataFrame({"path": [os.path.abspath(p) for p in audit.paths],
                           "label": [relabel.get(p, y) for p, y in zip(audit.paths, labels)],
                           "split": [audit.split_of(i) for i in range(len(audit.paths))]})
     return frame.to_csv(index=False)

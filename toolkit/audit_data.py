@@ -25,7 +25,6 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
                folds: int = AUDIT_FOLDS, verbose: int = 1) -> dict:
     """Audit ``data`` into the folder ``out``; returns the summary (also ``out/audit.json``)."""
     from toolkit.config import FinetuneConfig
-    from toolkit.datasets import load_splits
     from toolkit.recipes import load_config
 
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
@@ -42,6 +41,19 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
         config = load_config(recipe)
     else:
         config = FinetuneConfig()
+    audit = audit_input(data, config, folds, verbose)
+    from toolkit.audit import find_issues, write_audit
+
+    findings = find_issues(audit)
+    with runs.output_dir(out, overwrite, "audit", inputs) as folder:
+        return write_audit(folder, audit, findings)
+
+
+def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int = 1):
+    """Every labelled image of ``data`` (all splits) with its out-of-fold probabilities and features
+    (:class:`toolkit.audit.AuditInput`), from ``config``'s backbone."""
+    from toolkit.datasets import load_splits
+
     splits = load_splits(data, val_fraction=0.2, seed=config.seed, progress=verbose > 0)
     parts = [("train", splits.train), ("val", splits.val)] + ([("test", splits.test)] if splits.test else [])
     everything = splits.train + splits.val
@@ -59,12 +71,7 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
     if k < folds:
         logger.warning("audit: the smallest class has %d images, so %d folds instead of %d", counts.min(), k, folds)
     views = _centre_and_mirror_features(everything, config, verbose)
-    audit = _cross_validated(views, labels, k, config, everything, splits.class_names, names)
-    from toolkit.audit import find_issues, write_audit
-
-    findings = find_issues(audit)
-    with runs.output_dir(out, overwrite, "audit", inputs) as folder:
-        return write_audit(folder, audit, findings)
+    return _cross_validated(views, labels, k, config, everything, splits.class_names, names)
 
 
 def _centre_and_mirror_features(split, config, verbose: int) -> np.ndarray:
@@ -96,13 +103,13 @@ def _centre_and_mirror_features(split, config, verbose: int) -> np.ndarray:
 def _cross_validated(views: np.ndarray, labels: np.ndarray, k: int, config, split, class_names, names):
     from toolkit.audit import AuditInput
     from toolkit.fold_heads import FoldSettings, fit_fold_heads
-    from toolkit.folds import assign_folds, out_of_fold
+    from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads
 
-    fold_of = assign_folds(labels, k, config.seed)
-    heads = FoldHeads(k, len(class_names), 0, config.dropout)
+    held = held_out(assign_folds(labels, k, config.seed, config.cv_repeats), k)
+    heads = FoldHeads(held.shape[1], len(class_names), 0, config.dropout)
     settings = FoldSettings(config.head_lr, config.label_smoothing, config.batch_size, config.head_epochs,
                             config.early_stopping_patience, config.seed)
-    per_head = fit_fold_heads(heads, views, labels, fold_of, settings)
+    per_head = fit_fold_heads(heads, views, labels, held, settings)
     features = views.mean(axis=0).reshape(len(labels), -1)
-    return AuditInput(split.paths, labels, class_names, out_of_fold(per_head, fold_of), features, names)
+    return AuditInput(split.paths, labels, class_names, out_of_fold(per_head, held), features, names)

@@ -100,6 +100,8 @@ class FinetuneConfig:
     cv: str = setting("auto", "cross-validation folds: K >= 2 trains K fold heads on all labelled images (head-only "
                       "runs); auto: 5 when the plan is head only and the data has no validation split; off: holdout",
                       metavar="K|auto|off")
+    cv_repeats: int = setting(3, "repeats of the K-fold split with other shuffles (K x repeats heads): each image's "
+                              "out-of-fold estimate averages one head per repeat, as the model averages them all")
     val_fraction: float = setting(0.2, "held-out fraction when the data has no validation split, in (0, 1)")
     crop_fraction: float = setting(0.875, "evaluation centre crop: crop side / shorter image side")
     seed: int = setting(0, "seed for the split, augmentation and initialisation (>= 0)")
@@ -128,7 +130,7 @@ class FinetuneConfig:
                 raise RecipeError(f"{f.name} must be a finite number. Received: {f.name}={value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise RecipeError(f"seed must be an integer >= 0. Received: seed={self.seed!r}")
-        for name in ("batch_size", "head_epochs", "cache_views", "cache_view_budget"):
+        for name in ("batch_size", "head_epochs", "cache_views", "cache_view_budget", "cv_repeats"):
             _positive_int(self, name)
         for name in ("finetune_epochs", "warmup_epochs", "early_stopping_patience", "bottleneck", "image_size"):
             value = getattr(self, name)

@@ -30,24 +30,29 @@ class OutOfFold:
 
     probs: np.ndarray  # (images, classes)
     labels: np.ndarray
-    fold_of: np.ndarray
+    held: np.ndarray  # (images, heads): the images each head never trained on
+    folds: int
     best_epochs: list[int]
+    per_head: np.ndarray | None = None  # (images, heads, classes)
     features: np.ndarray | None = None  # (images, channels): pooled centre-crop features, for the audit
     paths: tuple[str, ...] = ()
 
     def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
         """metrics.json's ``cv`` block, from :func:`toolkit.evaluate.classification_metrics` of ``probs``."""
-        folds = int(self.fold_of.max()) + 1
-        correct = self.probs.argmax(1) == self.labels
-        per_fold = [float(correct[self.fold_of == k].mean()) for k in range(folds)]
+        heads = self.held.shape[1]
+        per_fold = [float((self.per_head[self.held[:, h], h].argmax(1) == self.labels[self.held[:, h]]).mean())
+                    for h in range(heads)]
         return {
-            "folds": folds,
+            "folds": self.folds,
+            "repeats": heads // self.folds,
+            "heads": heads,
             "n_images": int(len(self.labels)),
             "accuracy": measured["accuracy"],
             "accuracy_ci95": measured["accuracy_ci95"],
-            "interval": "Wilson score, 95 %, over the out-of-fold predictions of all images",
+            "interval": "Wilson score, 95 %, over the out-of-fold predictions of all images (each image's "
+                        "probabilities averaged over the heads that never trained on it, one per repeat)",
             "log_loss": measured["nll"],
-            "fold_accuracy": per_fold,
+            "fold_accuracy": per_fold,  # each head alone on its own held-out fold
             "fold_accuracy_sd": float(np.std(per_fold, ddof=1)),
             "fold_best_epoch": self.best_epochs,
             "per_class": {name: {"precision": v["precision"], "recall": v["recall"], "support": v["support"]}
@@ -61,23 +66,25 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     from toolkit.feature_cache import all_views_cache
     from toolkit.fit_data import class_weights
     from toolkit.fold_heads import FoldSettings, fit_fold_heads, load_best, load_last, save_best
-    from toolkit.folds import assign_folds, out_of_fold
+    from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads, build_classifier
 
     config, splits = run.config, run.splits
     pooled = splits.train + splits.val
     labels = np.asarray(pooled.labels)
-    fold_of = assign_folds(labels, folds, config.seed)
+    table = assign_folds(labels, folds, config.seed, config.cv_repeats).reshape(len(labels), -1)
+    held = held_out(table, folds)
     if not (run.dir / runs.FOLDS_FILE).is_file():
         import pandas as pd
 
-        frame = pd.DataFrame({"path": pooled.paths, "label": [pooled.class_names[y] for y in labels], "fold": fold_of})
+        frame = pd.DataFrame({"path": pooled.paths, "label": [pooled.class_names[y] for y in labels]}
+                             | {f"fold_{r + 1}": table[:, r] for r in range(table.shape[1])})
         runs.write_text(run.dir / runs.FOLDS_FILE, frame.to_csv(index=False))
     holdout_views = len(splits.train) * config.cache_views + len(splits.val)
-    logger.info("cross-validation: %d folds over %d images; the backbone runs over every image's views, about "
-                "%.1fx the images of a holdout run's cache, then %d heads train together on them", folds, len(pooled),
-                len(pooled) * config.cache_views / max(holdout_views, 1), folds)
-    heads = FoldHeads(folds, len(splits.class_names), config.bottleneck, config.dropout)
+    logger.info("cross-validation: %d folds x %d repeats over %d images; the backbone runs over every image's views, "
+                "about %.1fx the images of a holdout run's cache, then %d heads train together on them", folds,
+                table.shape[1], len(pooled), len(pooled) * config.cache_views / max(holdout_views, 1), held.shape[1])
+    heads = FoldHeads(held.shape[1], len(splits.class_names), config.bottleneck, config.dropout)
     start = time.perf_counter()
     views = all_views_cache(run, backbone, heads, data, pooled)
     run.timed("cv_features_s", start)
@@ -100,13 +107,13 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     settings = FoldSettings(head_lr, config.label_smoothing, config.batch_size, config.head_epochs,
                             config.early_stopping_patience, config.seed)
     progress = run.state.stage(Stage.CV)
-    per_head = fit_fold_heads(heads, views, labels, fold_of, settings, weights, progress, store, resume_from,
+    per_head = fit_fold_heads(heads, views, labels, held, settings, weights, progress, store, resume_from,
                               verbose=run.verbose)
     run.save_state()
     run.timed("cv_heads_s", start)
     model = build_classifier(backbone, heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
     pooled_features = views[0].reshape(len(pooled), -1, views.shape[-1]).mean(axis=1).astype(np.float32)
-    evaluated = OutOfFold(out_of_fold(per_head, fold_of), labels, fold_of, list(progress.fold_best_epoch),
+    evaluated = OutOfFold(out_of_fold(per_head, held), labels, held, folds, list(progress.fold_best_epoch), per_head,
                           pooled_features, pooled.paths)
     _audit(run, evaluated)
     return model, evaluated

@@ -29,6 +29,9 @@ from toolkit.stages import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# Training steps per call into TensorFlow: the heads are tiny, so per-step Python overhead would dominate.
+STEPS_PER_EXECUTION = 16
+
 
 
 @dataclasses.dataclass
@@ -55,22 +58,22 @@ def _stopped(progress: StageState, patience: int) -> bool:
 class FoldCheckpoint(keras.callbacks.Callback):
     """After every epoch: score each head on its own fold, keep its best weights, write the checkpoint."""
 
-    def __init__(self, heads: FoldHeads, centre: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
+    def __init__(self, heads: FoldHeads, centre: np.ndarray, labels: np.ndarray, held: np.ndarray,
                  settings: FoldSettings, progress: StageState, best: dict[int, list[np.ndarray]], store=None):
         super().__init__()
-        self.heads, self.centre, self.labels, self.fold_of = heads, centre, labels, fold_of
+        self.heads, self.centre, self.labels, self.held = heads, centre, labels, held
         self.settings, self.progress, self.best, self.store = settings, progress, best, store
 
     def on_epoch_end(self, epoch, logs=None):
-        p, k_heads = self.progress, self.heads.folds
+        p, k_heads = self.progress, self.heads.count
         per_head = per_head_probabilities(self.model, self.centre, self.settings.batch_size)
-        oof = out_of_fold(per_head, self.fold_of)
-        held = self.fold_of < k_heads
-        losses = [nll(per_head[self.fold_of == k, k], self.labels[self.fold_of == k]) for k in range(k_heads)]
+        oof = out_of_fold(per_head, self.held)
+        held = self.held.any(axis=1)
+        losses = [nll(per_head[self.held[:, k], k], self.labels[self.held[:, k]]) for k in range(k_heads)]
         for k, loss in enumerate(losses):
             if loss < p.fold_best_loss[k]:
                 p.fold_best_loss[k], p.fold_best_epoch[k], p.fold_wait[k] = loss, epoch + 1, 0
-                self.best[k] = [w.copy() for layer in self.heads.head_layers(k) for w in layer.get_weights()]
+                self.best[k] = self.heads.head_weights(k)
             else:
                 p.fold_wait[k] += 1
         p.epochs_done = epoch + 1
@@ -95,32 +98,30 @@ def per_head_probabilities(model, features: np.ndarray, batch_size: int) -> np.n
 
 def restore_best(heads: FoldHeads, best: dict[int, list[np.ndarray]]) -> None:
     for k, weights in best.items():
-        it = iter(weights)
-        for layer in heads.head_layers(k):
-            n = len(layer.get_weights())
-            if n:
-                layer.set_weights([next(it) for _ in range(n)])
+        heads.set_head_weights(k, weights)
 
 
-def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
+def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held: np.ndarray,
                    settings: FoldSettings, class_weights: np.ndarray | None = None, progress: StageState | None = None,
                    store=None, resume_from=None, verbose: int = 0) -> np.ndarray:
-    """Train ``heads`` on ``views`` (V, images, ...: view 0 the centre crop) and return each head's centre-crop
-    probabilities at its own best epoch, (images, K, C); ``out_of_fold`` of it is what no head trained on.
+    """Train ``heads`` on ``views`` (V, images, ...: view 0 the centre crop), head h never on the images
+    ``held[:, h]`` (:func:`toolkit.folds.held_out`) and early-stopped on them; return each head's centre-crop
+    probabilities at its own best epoch, (images, heads, C), of which ``out_of_fold`` keeps the unseen.
 
     ``progress`` and ``resume_from(model) -> best`` continue an interrupted training; ``store(model, progress,
     best)`` is called after every epoch (the run's checkpoint).
     """
     import tensorflow as tf
 
-    labels, fold_of = np.asarray(labels), np.asarray(fold_of)
+    labels, held = np.asarray(labels), np.asarray(held, dtype=bool)
     n_views, n = views.shape[:2]
-    k_heads, n_classes = heads.folds, heads.num_classes
+    k_heads, n_classes = heads.count, heads.num_classes
     progress = progress if progress is not None else StageState()
     _start(progress, k_heads)
     model = heads.on_features(views.shape[2:])
     model.compile(optimizer=keras.optimizers.Adam(settings.lr),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+                  steps_per_execution=STEPS_PER_EXECUTION)
     best: dict[int, list[np.ndarray]] = {}
     steps = math.ceil(n * n_views / settings.batch_size)
     if progress.epochs_done and resume_from is not None:
@@ -129,7 +130,7 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, fold
         best = resume_from(model)
         model.optimizer.iterations.assign(progress.epochs_done * steps)
     if not progress.done and progress.epochs_done < settings.epochs and not _stopped(progress, settings.patience):
-        mask = training_mask(fold_of, k_heads)
+        mask = training_mask(held)
         if class_weights is not None:
             mask = mask * np.asarray(class_weights, np.float32)[labels][:, None]
         onehot = np.eye(n_classes, dtype=np.float32)[labels]
@@ -140,7 +141,7 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, fold
               .batch(settings.batch_size)
               .map(lambda x, i: (x, tf.tile(tf.gather(onehot, i)[:, None, :], [1, k_heads, 1]), tf.gather(mask, i)))
               .prefetch(2))
-        callback = FoldCheckpoint(heads, views[0], labels, fold_of, settings, progress, best, store)
+        callback = FoldCheckpoint(heads, views[0], labels, held, settings, progress, best, store)
         model.fit(ds, epochs=settings.epochs, initial_epoch=progress.epochs_done, callbacks=[callback],
                   verbose=verbose, shuffle=False)
     restore_best(heads, best)

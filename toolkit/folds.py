@@ -78,34 +78,46 @@ def plan_folds(cv: str, class_counts: dict[str, int], head_only: bool, explicit_
     return FoldPlan(mode, f"{mode}-fold cross-validation over all {sum(class_counts.values())} labelled images")
 
 
-def assign_folds(labels: Sequence[int], folds: int, seed: int) -> np.ndarray:
-    """The fold (0..folds-1) of every image: stratified by class, shuffled with ``seed``, every image in one fold."""
-    from sklearn.model_selection import StratifiedKFold
+def assign_folds(labels: Sequence[int], folds: int, seed: int, repeats: int = 1) -> np.ndarray:
+    """The fold (0..folds-1) of every image, (images,) or for ``repeats`` > 1 (images, repeats): in each repeat
+    stratified by class, shuffled (scikit-learn's ``RepeatedStratifiedKFold`` from ``seed``), every image in one
+    fold."""
+    from sklearn.model_selection import RepeatedStratifiedKFold
 
     labels = np.asarray(labels)
-    out = np.empty(len(labels), dtype=np.int32)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        out[held_out] = k
-    return out
+    out = np.empty((len(labels), repeats), dtype=np.int32)
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    for index, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        out[held_out, index // folds] = index % folds
+    return out[:, 0] if repeats == 1 else out
 
 
-def training_mask(fold_of: np.ndarray, heads: int) -> np.ndarray:
-    """(images, heads) weights: head k trains on every image outside fold k (1), never on its own fold (0)."""
-    return (np.asarray(fold_of)[:, None] != np.arange(heads)[None, :]).astype(np.float32)
+def held_out(fold_table: np.ndarray, folds: int) -> np.ndarray:
+    """(images, heads) booleans: head ``r * folds + k`` (repeat r, fold k) never trains on the images of its fold.
 
-
-def out_of_fold(per_head: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
-    """(images, classes) probabilities of each image from the one head that never trained on it.
-
-    ``per_head`` is (images, heads, classes). Images whose fold has no head (the training part of a holdout,
-    ``fold_of`` >= heads) get NaN rows; callers keep only held-out images.
+    ``fold_table`` is (images,) or (images, repeats); a fold number >= ``folds`` belongs to no head.
     """
-    fold_of = np.asarray(fold_of)
-    out = np.full((len(fold_of), per_head.shape[2]), np.nan, dtype=np.float64)
-    held = fold_of < per_head.shape[1]
-    out[held] = per_head[np.flatnonzero(held), fold_of[held]]
-    return out
+    table = np.asarray(fold_table).reshape(len(fold_table), -1)
+    heads = np.arange(folds)
+    return np.concatenate([table[:, [r]] == heads[None, :] for r in range(table.shape[1])], axis=1)
+
+
+def training_mask(held: np.ndarray) -> np.ndarray:
+    """(images, heads) loss weights: 1 where the head trains on the image, 0 on the images it holds out."""
+    return (~np.asarray(held, dtype=bool)).astype(np.float32)
+
+
+def out_of_fold(per_head: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """(images, classes): each image's probabilities averaged over the heads that never trained on it.
+
+    ``per_head`` is (images, heads, classes). Images no head holds out (the training part of a holdout) get
+    NaN rows; callers keep only held-out images.
+    """
+    held = np.asarray(held, dtype=bool)
+    count = held.sum(axis=1, keepdims=True)
+    total = np.einsum("ih,ihc->ic", held.astype(np.float64), per_head.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def holdout_folds(n: int, val_indices: Sequence[int]) -> np.ndarray:

@@ -95,18 +95,24 @@ def build_classifier(
 class FoldHeads:
     """K NIN heads on one backbone, one per cross-validation fold (``--cv K``): one network, one backbone pass.
 
-    Each head's class maps are concatenated (the layer named :data:`CLASS_MAPS`, K x C channels, head k's
-    maps at channels k*C .. k*C+C-1), pooled, split per head (:data:`FOLD_PROBS`: a softmax per head,
-    shape (K, C)) and averaged (:data:`PROBS`). Built from Keras' own layers only, so the saved model loads
-    in safe mode and ``predict``, ``evaluate`` and ``export`` see an ordinary classifier.
+    The heads' class maps are the layer named :data:`CLASS_MAPS`, K x C channels (head k's at k*C .. k*C+C-1),
+    pooled, split per head (:data:`FOLD_PROBS`: a softmax per head, shape (K, C)) and averaged
+    (:data:`PROBS`). Without a bottleneck the K heads are one 1x1 convolution with K x C filters (a CPU step
+    then costs what one head's does); with one, each head has its own bottleneck and class-map convolution,
+    concatenated. Keras' own layers only, so the saved model loads in safe mode and ``predict``,
+    ``evaluate`` and ``export`` see an ordinary classifier.
     """
 
-    def __init__(self, folds: int, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
-        self.folds, self.num_classes, self.bottleneck = folds, num_classes, bottleneck
-        self.heads = [NINHead(num_classes, bottleneck, dropout, prefix=f"fold{k}_") for k in range(folds)]
-        self.concat = layers.Concatenate(name=CLASS_MAPS)
+    def __init__(self, count: int, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
+        self.count, self.num_classes, self.bottleneck = count, num_classes, bottleneck
+        if bottleneck:
+            self.heads = [NINHead(num_classes, bottleneck, dropout, prefix=f"fold{k}_") for k in range(count)]
+            self.concat = layers.Concatenate(name=CLASS_MAPS)
+        else:
+            self.dropout = layers.Dropout(dropout, name="nin_dropout") if dropout else None
+            self.maps_conv = layers.Conv2D(count * num_classes, 1, name=CLASS_MAPS)
         self.pool = layers.GlobalAveragePooling2D(name=LOGITS)
-        self.split = layers.Reshape((folds, num_classes), name="fold_logits")
+        self.split = layers.Reshape((count, num_classes), name="fold_logits")
         self.softmax = layers.Activation("softmax", dtype="float32", name=FOLD_PROBS)
         self.mean = layers.GlobalAveragePooling1D(dtype="float32", name=PROBS)  # the mean over the K heads
 
@@ -114,13 +120,32 @@ class FoldHeads:
     def is_linear(self) -> bool:
         return not self.bottleneck
 
-    def head_layers(self, k: int) -> list[layers.Layer]:
-        """Head k's own layers (those with weights are what its best epoch restores)."""
-        return self.heads[k].layers[:-2]
+    def head_weights(self, k: int) -> list:
+        """Head k's own weights (numpy arrays), as one NINHead of the same settings holds them."""
+        if self.bottleneck:
+            return [w for layer in self.heads[k].layers[:-2] for w in layer.get_weights()]
+        kernel, bias = self.maps_conv.get_weights()
+        part = slice(k * self.num_classes, (k + 1) * self.num_classes)
+        return [kernel[..., part].copy(), bias[part].copy()]
+
+    def set_head_weights(self, k: int, weights: list) -> None:
+        if self.bottleneck:
+            it = iter(weights)
+            for layer in self.heads[k].layers[:-2]:
+                if layer.weights:
+                    layer.set_weights([next(it) for _ in layer.weights])
+            return
+        kernel, bias = self.maps_conv.get_weights()
+        part = slice(k * self.num_classes, (k + 1) * self.num_classes)
+        kernel[..., part], bias[part] = weights
+        self.maps_conv.set_weights([kernel, bias])
 
     def per_fold(self, features: keras.KerasTensor) -> keras.KerasTensor:
         """(batch, K, C): each head's probabilities."""
-        maps = self.concat([head.maps(features) for head in self.heads])
+        if self.bottleneck:
+            maps = self.concat([head.maps(features) for head in self.heads])
+        else:
+            maps = self.maps_conv(self.dropout(features) if self.dropout else features)
         return self.softmax(self.split(self.pool(maps)))
 
     def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
