@@ -64,7 +64,8 @@ def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, t
     assert metrics["val_accuracy"] >= 0.5, metrics  # 4 classes: chance is 0.25
     low, high = metrics["val_accuracy_ci95"]  # every accuracy with its uncertainty
     assert low < metrics["val_accuracy"] <= high and high - low > 0.05
-    assert f"(95% CI {low:.2f}–{high:.2f}, {metrics['n_val']} images)" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # --cv auto: this head-only run on data without a val split cross-validates
+    assert f"(95% CI {low:.2f}–{high:.2f})" in printed and f"over {metrics['n_val']} images" in printed
     assert set(metrics["per_class_accuracy"]) == {"circle", "square", "star", "triangle"}
     config = tomllib.loads((out / "recipe.toml").read_text())
     assert config["backbone"] == "mobilenet_v2" and config["image_size"] == 160 and config["head_epochs"] == 6
@@ -78,7 +79,8 @@ def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, t
     x = np.random.default_rng(0).uniform(0, 255, (2, 160, 160, 3)).astype("float32")
     probs = model.predict(x, verbose=0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert model.get_layer("class_maps").output.shape[-1] == 4
+    heads = json.loads((out / "metrics.json").read_text())["cv"]["heads"]  # --cv auto: K x repeats fold heads
+    assert model.get_layer("class_maps").output.shape[-1] == 4 * heads
 
     # A second run into the same folder is refused, and nothing there is touched.
     before = (out / "model.keras").stat().st_mtime_ns
@@ -147,4 +149,4 @@ def test_set_epochs_and_lr_reach_the_run_recipe(sample_data, tmp_path, capsys):
 
     for src in parser.sources:
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
-    assert list((out / "tensorboard" / "head").rglob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))

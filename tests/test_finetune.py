@@ -86,7 +86,7 @@ def test_mixed_precision_computes_in_float16_and_leaves_the_global_policy_alone(
 
 @pytest.mark.slow
 def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_data, tmp_path):
-    cached = finetune(_config(sample_data, freeze="all"), out=tmp_path / "cached", verbose=0)
+    cached = finetune(_config(sample_data, freeze="all", cv="off"), out=tmp_path / "cached", verbose=0)
     uncached = finetune(_config(sample_data, freeze="all", cache_features="off"), out=tmp_path / "images", verbose=0)
     assert (tmp_path / "cached" / "cache" / "features.npz").is_file()
     assert not (tmp_path / "images" / "cache").exists()

@@ -51,7 +51,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(data, run): a small real dataset and a finished run trained on it."""
     root = tmp_path_factory.mktemp("trained")
     data = photo_tree(root / "data", 6)
-    code = main(["finetune", "--data", str(data), "--out", str(root / "run"), *TINY, "--seed", "3"])
+    code = main(["finetune", "--data", str(data), "--out", str(root / "run"), *TINY, "--seed", "3", "--cv", "off"])
     assert code == 0
     return data, root / "run"
 

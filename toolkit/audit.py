@@ -5,10 +5,9 @@ pooled backbone features, it finds:
 
 * **label issues**: images whose given label the out-of-fold probabilities contradict (cleanlab's
   ``find_label_issues``, confident learning; scored by ``get_label_quality_scores``);
-* **near-duplicates**: pairs whose cosine distance is far below the usual distance from an image to its
-  nearest neighbour (cleanlab's near-duplicate rule, on scikit-learn's ``NearestNeighbors``: cleanlab's own
-  check lives in its Datalab, which needs the heavy ``datasets`` package): resized, re-encoded, cropped or
-  mirrored copies; a pair across splits (train vs val/test) is leakage;
+* **near-duplicates**: resized, re-encoded, cropped or mirrored copies, found by feature similarity and
+  confirmed by matched keypoints (:mod:`toolkit.near_duplicates`); a pair across splits (train vs val/test)
+  is leakage;
 * **outliers**: images far from every other image in feature space (cleanlab's ``OutOfDistribution``).
 
 Written: ``audit.csv`` (``path, issue, given_label, suggested_label, score, duplicate_of, note``; most
@@ -34,9 +33,6 @@ from toolkit import runs
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["path", "issue", "given_label", "suggested_label", "score", "duplicate_of", "note"]
-# A pair of images is a near-duplicate when its cosine distance is below this fraction of the median
-# distance between an image and its nearest neighbour (cleanlab's relative threshold; its default is 0.13).
-NEAR_DUPLICATE_THRESHOLD = 0.13
 OUTLIER_THRESHOLD = 0.37037  # cleanlab Datalab's default for features
 GALLERY_SIZE = 24
 
@@ -51,12 +47,18 @@ class AuditInput:
     probs: np.ndarray  # (images, classes) out-of-fold
     features: np.ndarray  # (images, channels)
     splits: Sequence[str] = ()  # train / val / test of each image; empty: all one split
+    duplicate_features: np.ndarray | None = None  # (images, channels): toolkit.audit_data.duplicate_embedding
+    decode_paths: Sequence[str] = ()  # where each image is read from (converted copies of odd formats); default paths
+
+    @property
+    def read_paths(self) -> Sequence[str]:
+        return self.decode_paths or self.paths
 
     def split_of(self, i: int) -> str:
         return self.splits[i] if len(self.splits) else "train"
 
 
-def find_issues(audit: AuditInput, near_duplicate_threshold: float = NEAR_DUPLICATE_THRESHOLD):
+def find_issues(audit: AuditInput):
     """The findings as a DataFrame of :data:`COLUMNS`, most suspicious first (``score`` in [0, 1])."""
     import pandas as pd
     from cleanlab.filter import find_label_issues
@@ -71,7 +73,7 @@ def find_issues(audit: AuditInput, near_duplicate_threshold: float = NEAR_DUPLIC
     for i in np.flatnonzero(find_label_issues(labels, probs)):
         rows.append([audit.paths[i], "label", names[labels[i]], names[int(probs[i].argmax())], 1.0 - float(quality[i]),
                      "", f"out-of-fold probability of the given label {probs[i, labels[i]]:.2f}"])
-    rows += _near_duplicate_rows(audit, features, near_duplicate_threshold)
+    rows += _near_duplicate_rows(audit)
     outlier_scores = OutOfDistribution().fit_score(features=features, verbose=False)
     for i in np.flatnonzero(outlier_scores < _outlier_cut(outlier_scores)):
         rows.append([audit.paths[i], "outlier", names[labels[i]], "", 1.0 - float(outlier_scores[i]), "",
@@ -93,37 +95,23 @@ def _unit(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def near_duplicate_pairs(features: np.ndarray, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[tuple[int, int, float]]:
-    """(i, j, cosine distance) with i < j for every pair closer than ``threshold`` x the median distance from an
-    image to its nearest neighbour (cleanlab's near-duplicate rule), over unit-length ``features``."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(10, len(features) - 1)
-    if k < 1:
-        return []
-    index = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(features)
-    distances, neighbours = index.kneighbors(features)
-    radius = threshold * max(float(np.median(distances[:, 1])), 1e-12)
-    pairs = {}
-    for i in range(len(features)):
-        for d, j in zip(distances[i, 1:], neighbours[i, 1:]):
-            if d < radius and j != i:
-                pairs[(min(i, int(j)), max(i, int(j)))] = float(d)
-    return [(i, j, d) for (i, j), d in sorted(pairs.items())]
-
-
-def _near_duplicate_rows(audit: AuditInput, features: np.ndarray, threshold: float) -> list[list]:
+def _near_duplicate_rows(audit: AuditInput) -> list[list]:
     """One row per near-duplicate pair (the later image, ``duplicate_of`` the earlier); pairs across splits are
     marked as leakage."""
+    from toolkit.near_duplicates import near_duplicate_pairs
+
+    if audit.duplicate_features is None:
+        return []
     names = list(audit.class_names)
     rows = []
-    for a, b, distance in near_duplicate_pairs(features, threshold):
+    for a, b, relative, matched in near_duplicate_pairs(audit.duplicate_features, audit.read_paths):
         splits = (audit.split_of(a), audit.split_of(b))
         note = f"{splits[0]} vs {splits[1]}: leakage across splits" if splits[0] != splits[1] else f"both in {splits[0]}"
         if audit.labels[a] != audit.labels[b]:
             note += f"; labelled {names[audit.labels[a]]!r} and {names[audit.labels[b]]!r}"
         rows.append([audit.paths[b], "near_duplicate", names[audit.labels[b]], names[audit.labels[a]],
-                     float(np.clip(1.0 - distance, 0.0, 1.0)), audit.paths[a], note])
+                     float(np.clip(1.0 - relative / 2, 0.0, 1.0)), audit.paths[a],
+                     f"{note}; {matched} matched keypoints"])
     return rows
 
 
@@ -183,8 +171,7 @@ def write_audit(folder: Path, audit: AuditInput, findings) -> dict:
     runs.write_bytes(folder / runs.AUDIT_GALLERY, gallery_png(findings))
     counts = {kind: int((findings["issue"] == kind).sum()) for kind in ("label", "near_duplicate", "outlier")}
     leakage = int(findings["note"].str.contains("leakage", regex=False).sum())
-    summary = {"images": len(audit.paths), "findings": counts, "near_duplicates_across_splits": leakage,
-               "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD}
+    summary = {"images": len(audit.paths), "findings": counts, "near_duplicates_across_splits": leakage}
     runs.write_json(folder / runs.AUDIT_SUMMARY, summary)
     logger.info("audit of %d images: %d label issues, %d near-duplicate pairs (%d across splits), %d outliers; "
                 "written to %s", len(audit.paths), counts["label"], counts["near_duplicate"], leakage, counts["outlier"],

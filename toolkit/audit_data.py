@@ -19,6 +19,7 @@ from toolkit.errors import UserError
 logger = logging.getLogger(__name__)
 
 AUDIT_FOLDS = 5
+DUPLICATE_SIZE = 128  # px: near-duplicates are searched among shrunk whole images (see toolkit.near_duplicates)
 
 
 def audit_data(data: str | Path, out: str | Path, model: str | Path | None = None, overwrite: bool = False,
@@ -70,34 +71,59 @@ def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int
                         "remove those classes.")
     if k < folds:
         logger.warning("audit: the smallest class has %d images, so %d folds instead of %d", counts.min(), k, folds)
-    views = _centre_and_mirror_features(everything, config, verbose)
-    return _cross_validated(views, labels, k, config, everything, splits.class_names, names)
+    backbone = _backbone(config)
+    views = _centre_and_mirror_features(backbone, everything, config, verbose)
+    audit = _cross_validated(views, labels, k, config, everything, splits.class_names, names)
+    audit.duplicate_features = duplicate_embedding(backbone, everything, config.batch_size)
+    audit.decode_paths = everything.decode_paths
+    return audit
 
 
-def _centre_and_mirror_features(split, config, verbose: int) -> np.ndarray:
-    """(2, images, 1, 1, channels): pooled backbone features of each centre crop and of its mirror image."""
-    import keras
+def _backbone(config):
+    from toolkit import backbones
+
+    return backbones.create(config.backbone, input_shape=(None, None, 3),
+                            weights=None if config.weights == "none" else config.weights)
+
+
+def _mirror_averaged(backbone, ds, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features of each batch's images and of their mirror images: (plain, mirrored)."""
     import tensorflow as tf
 
-    from toolkit import backbones
     from toolkit.feature_cache import feature_extractor, inference
     from toolkit.head import NINHead
-    from toolkit.pipeline import make_dataset
 
-    spec = backbones.get_spec(config.backbone)
-    size = config.image_size or spec.input_size
-    backbone = backbones.create(config.backbone, input_shape=(None, None, 3),
-                                weights=None if config.weights == "none" else config.weights)
     forward = inference(feature_extractor(backbone, NINHead(2)))
-    ds = make_dataset(split, size, config.batch_size, training=False, crop_fraction=config.crop_fraction)
-    bar = keras.utils.Progbar(-(-len(split) // config.batch_size), unit_name="batch") if verbose else None
     plain, mirrored = [], []
     for images, _ in ds:
         plain.append(np.asarray(forward(images), np.float32))
         mirrored.append(np.asarray(forward(tf.image.flip_left_right(images)), np.float32))
         if bar:
             bar.add(1)
-    return np.stack([np.concatenate(plain), np.concatenate(mirrored)])
+    return np.concatenate(plain), np.concatenate(mirrored)
+
+
+def _centre_and_mirror_features(backbone, split, config, verbose: int) -> np.ndarray:
+    """(2, images, 1, 1, channels): pooled backbone features of each centre crop and of its mirror image."""
+    import keras
+
+    from toolkit import backbones
+    from toolkit.pipeline import make_dataset
+
+    size = config.image_size or backbones.get_spec(config.backbone).input_size
+    ds = make_dataset(split, size, config.batch_size, training=False, crop_fraction=config.crop_fraction)
+    bar = keras.utils.Progbar(-(-len(split) // config.batch_size), unit_name="batch") if verbose else None
+    return np.stack(_mirror_averaged(backbone, ds, bar))
+
+
+def duplicate_embedding(backbone, split, batch_size: int = 32) -> np.ndarray:
+    """(images, channels): what near-duplicates are searched by (:mod:`toolkit.near_duplicates`): pooled features
+    of the whole image shrunk to :data:`DUPLICATE_SIZE` px, averaged with its mirror image's."""
+    from toolkit.pipeline import make_dataset
+
+    ds = make_dataset(split, DUPLICATE_SIZE, batch_size, training=False, crop_fraction=1.0)
+    plain, mirrored = _mirror_averaged(backbone, ds)
+    return ((plain + mirrored) / 2).reshape(len(split), -1)
 
 
 def _cross_validated(views: np.ndarray, labels: np.ndarray, k: int, config, split, class_names, names):

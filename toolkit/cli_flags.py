@@ -133,6 +133,10 @@ def subcommand(sub, name: str, func, help: str, show_defaults: bool = False) -> 
     kwargs = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter} if show_defaults else {}
     parser = sub.add_parser(name, help=help, description=" ".join(inspect.getdoc(func).split()), **kwargs)
     parser.set_defaults(func=func)
+    # -q / -v after the command too (`toolkit finetune ... -q`); absent there, the value before it stands
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as toolkit -v")
+    noise.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as toolkit -q")
     return parser
 
 

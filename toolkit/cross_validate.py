@@ -68,6 +68,7 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     from toolkit.fold_heads import FoldSettings, fit_fold_heads, load_best, load_last, save_best
     from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads, build_classifier
+    from toolkit.stages import tensorboard_callbacks
 
     config, splits = run.config, run.splits
     pooled = splits.train + splits.val
@@ -108,24 +109,26 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
                             config.early_stopping_patience, config.seed)
     progress = run.state.stage(Stage.CV)
     per_head = fit_fold_heads(heads, views, labels, held, settings, weights, progress, store, resume_from,
-                              verbose=run.verbose)
+                              verbose=run.verbose, callbacks=tensorboard_callbacks(run, Stage.CV))
     run.save_state()
     run.timed("cv_heads_s", start)
     model = build_classifier(backbone, heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
     pooled_features = views[0].reshape(len(pooled), -1, views.shape[-1]).mean(axis=1).astype(np.float32)
     evaluated = OutOfFold(out_of_fold(per_head, held), labels, held, folds, list(progress.fold_best_epoch), per_head,
                           pooled_features, pooled.paths)
-    _audit(run, evaluated)
+    _audit(run, evaluated, backbone, pooled)
     return model, evaluated
 
 
-def _audit(run: Run, evaluated: OutOfFold) -> None:
+def _audit(run: Run, evaluated: OutOfFold, backbone, pooled) -> None:
     """The data audit of a cross-validated run, into its folder (audit.csv and the rest; see toolkit.audit)."""
     from toolkit.audit import AuditInput, find_issues, write_audit
+    from toolkit.audit_data import duplicate_embedding
 
     start = time.perf_counter()
     splits = run.splits
     names = ["train"] * len(splits.train) + ["val"] * len(splits.val)
-    audit = AuditInput(evaluated.paths, evaluated.labels, splits.class_names, evaluated.probs, evaluated.features, names)
+    audit = AuditInput(evaluated.paths, evaluated.labels, splits.class_names, evaluated.probs, evaluated.features, names,
+                       duplicate_embedding(backbone, pooled, run.config.batch_size), pooled.decode_paths)
     write_audit(run.dir, audit, find_issues(audit))
     run.timed("audit_s", start)

@@ -103,7 +103,7 @@ def restore_best(heads: FoldHeads, best: dict[int, list[np.ndarray]]) -> None:
 
 def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held: np.ndarray,
                    settings: FoldSettings, class_weights: np.ndarray | None = None, progress: StageState | None = None,
-                   store=None, resume_from=None, verbose: int = 0) -> np.ndarray:
+                   store=None, resume_from=None, verbose: int = 0, callbacks: tuple = ()) -> np.ndarray:
     """Train ``heads`` on ``views`` (V, images, ...: view 0 the centre crop), head h never on the images
     ``held[:, h]`` (:func:`toolkit.folds.held_out`) and early-stopped on them; return each head's centre-crop
     probabilities at its own best epoch, (images, heads, C), of which ``out_of_fold`` keeps the unseen.
@@ -142,7 +142,7 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
               .map(lambda x, i: (x, tf.tile(tf.gather(onehot, i)[:, None, :], [1, k_heads, 1]), tf.gather(mask, i)))
               .prefetch(2))
         callback = FoldCheckpoint(heads, views[0], labels, held, settings, progress, best, store)
-        model.fit(ds, epochs=settings.epochs, initial_epoch=progress.epochs_done, callbacks=[callback],
+        model.fit(ds, epochs=settings.epochs, initial_epoch=progress.epochs_done, callbacks=[callback, *callbacks],
                   verbose=verbose, shuffle=False)
     restore_best(heads, best)
     progress.done = True

@@ -94,7 +94,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _tensorboard(run: Run, stage: Stage) -> list:
+def tensorboard_callbacks(run: Run, stage: Stage) -> list:
     """Keras' TensorBoard callback, writing under RUN/tensorboard/<stage> (needs the tensorboard package)."""
     if importlib.util.find_spec("tensorboard") is None:  # TensorFlow >= 2.21 writes summaries only with it
         logger.debug("no TensorBoard logs: pip install \"toolkit[tensorboard]\" to have them")
@@ -121,7 +121,7 @@ def fit_stage(run: Run, stage: Stage, model, train: tuple[Any, int], val: tuple[
         load_checkpoint(model.load_weights, stage.last_weights(run.dir))
         model.optimizer.iterations.assign(s.epochs_done * steps)  # the schedule continues where it was
     if s.epochs_done < epochs and s.wait < run.config.early_stopping_patience:
-        callbacks = [TrainingCheckpoint(run, stage)] + (_tensorboard(run, stage) if run.scale.is_chief else [])
+        callbacks = [TrainingCheckpoint(run, stage)] + (tensorboard_callbacks(run, stage) if run.scale.is_chief else [])
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=s.epochs_done,
                   steps_per_epoch=steps if run.scale.distributed else None, validation_steps=val_steps,
                   callbacks=callbacks, verbose=run.verbose if run.scale.is_chief else 0,
