@@ -149,6 +149,27 @@ def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cv_with_backbone_stages_training_is_an_ensemble_of_fold_members(sample_data, tmp_path, capsys):
+    from toolkit.cli import main
+
+    out = tmp_path / "cv"
+    assert main(["finetune", "--data", str(sample_data), "--out", str(out), "--cv", "2", "--freeze", "stage7",
+                 "--finetune-epochs", "1", "--image-size", "64", "--batch-size", "16", "--head-epochs", "2"]) == 0
+    assert "2-fold cross-validation over 96 images" in capsys.readouterr().out
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["members"] == ["1-mobilenet_v2-fold1of2", "2-mobilenet_v2-fold2of2"]
+    folds = []
+    for name in spec["members"]:
+        recipe = (out / name / "recipe.toml").read_text()
+        assert 'cv = "off"' in recipe and "fold = " in recipe
+        data = json.loads((out / name / "data.json").read_text())["statistics"]
+        folds.append((data["train_images"], data["val_images"]))
+    assert folds[0][0] == folds[1][1] and folds[0][1] == folds[1][0] and sum(folds[0]) == 96  # swapped halves
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cv"]["folds"] == 2 and metrics["cv"]["n_images"] == 96 and metrics["n_val"] == 96
+
+
+@pytest.mark.slow
 def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
     from toolkit.finetune import finetune
     from toolkit.recipes import build_config

@@ -106,7 +106,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"freeze plan: {result.plan.describe()}")
     kind = "ensemble " if result.members else ""
     m = result.metrics
-    if result.members:
+    if result.members and "cv" not in m:
         print(f"{kind}validation accuracy: {describe(m['val_accuracy'], m['n_val'], m['val_accuracy_ci95'])}")
     else:
         from toolkit.report import accuracy_line

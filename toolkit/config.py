@@ -102,6 +102,8 @@ class FinetuneConfig:
                       metavar="K|auto|off")
     cv_repeats: int = setting(3, "repeats of the K-fold split with other shuffles (K x repeats heads): each image's "
                               "out-of-fold estimate averages one head per repeat, as the model averages them all")
+    fold: str = setting("", "validate on fold k of K of all labelled images (k/K, 1 <= k <= K; the split of --cv K, "
+                        "with the run's seed): what each member of a cross-validated ensemble trains with", metavar="k/K")
     val_fraction: float = setting(0.2, "held-out fraction when the data has no validation split, in (0, 1)")
     crop_fraction: float = setting(0.875, "evaluation centre crop: crop side / shorter image side")
     seed: int = setting(0, "seed for the split, augmentation and initialisation (>= 0)")
@@ -152,10 +154,11 @@ class FinetuneConfig:
             raise RecipeError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
         if not 0 < self.stage_lr_decay <= 1:
             raise RecipeError(f"stage_lr_decay must be in (0, 1]. Received: stage_lr_decay={self.stage_lr_decay!r}")
-        from toolkit.folds import parse_cv
+        from toolkit.folds import parse_cv, parse_fold
 
         try:
             parse_cv(self.cv)
+            parse_fold(self.fold)
         except UserError as exc:
             raise RecipeError(str(exc)) from None
         _choice(self, "class_weights", CLASS_WEIGHT_MODES)

@@ -58,7 +58,8 @@ def finetune_ensemble(
         folder = runs.prepare_run_dir(target, overwrite, "ensemble")
         names = []
         for i, variant in enumerate(variants, start=1):
-            name = f"{i}-{variant.backbone}-seed{variant.seed}"
+            name = f"{i}-{variant.backbone}-" + (f"fold{variant.fold.replace('/', 'of')}" if variant.fold
+                                                  else f"seed{variant.seed}")
             create_run(variant, folder / name)
             names.append(name)
         spec = {"members": names, "weights": [1.0] * len(names)}
@@ -80,12 +81,13 @@ def finetune_ensemble(
                 shutil.rmtree(folder, ignore_errors=True)  # nothing trained yet: leave no folder behind
             raise
 
-    # The ensemble on the validation split (members share data and seed of the split).
     first = load_config(folder / spec["members"][0] / runs.RECIPE_FILE)
-    splits = load_splits(first.data, first.val_fraction, first.seed)
-    models = load_models([folder])
-    probs = predict_ensemble(models, splits.val.decode_paths, splits.val.is_jpeg)
-    labels = np.asarray(splits.val.labels)
+    if first.fold:  # cross-validated members: each scores its own fold, never seen in its training
+        probs, labels, cv = _out_of_fold(folder, spec["members"], first)
+    else:  # the ensemble on the validation split (members share data and seed of the split)
+        splits = load_splits(first.data, first.val_fraction, first.seed)
+        probs = predict_ensemble(load_models([folder]), splits.val.decode_paths, splits.val.is_jpeg)
+        labels, cv = np.asarray(splits.val.labels), None
     correct = probs.argmax(1) == labels
     metrics = {
         "val_accuracy": float(correct.mean()),
@@ -94,6 +96,8 @@ def finetune_ensemble(
         "members": {name: m["val_accuracy"] for name, m in member_metrics.items()},
         "calibration": calibrate(probs, labels),
     }
+    if cv is not None:
+        metrics["cv"] = cv
     runs.write_json(folder / runs.METRICS_FILE, metrics)
     if spec.get("replaces"):
         staged, folder = folder, Path(spec["replaces"])
@@ -103,10 +107,36 @@ def finetune_ensemble(
     return FinetuneResult(folder, metrics, members=metrics["members"])
 
 
+def _out_of_fold(folder: Path, members: list[str], first: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Every labelled image's probabilities from the member that validated on it; (probs, labels, the cv block)."""
+    from toolkit.cross_validate import OutOfFold
+    from toolkit.evaluate import classification_metrics
+    from toolkit.folds import assign_folds, held_out
+    from toolkit.inference import load_models, predict_ensemble
+
+    splits = load_splits(first.data, first.val_fraction, first.seed)
+    pooled = splits.train + splits.val
+    labels = np.asarray(pooled.labels)
+    fold_of = assign_folds(labels, len(members), first.seed)
+    per_head = np.zeros((len(labels), len(members), len(splits.class_names)))
+    for k, name in enumerate(members):
+        mine = np.flatnonzero(fold_of == k)
+        part = pooled.take(mine)
+        per_head[mine, k] = predict_ensemble(load_models([folder / name]), part.decode_paths, part.is_jpeg)
+    held = held_out(fold_of, len(members))
+    evaluated = OutOfFold(per_head[np.arange(len(labels)), fold_of], labels, held, len(members),
+                          [runs.read_json(folder / name / runs.METRICS_FILE, "").get("finetune_best_epoch", 0)
+                           for name in members], per_head)
+    return evaluated.probs, labels, evaluated.summary(classification_metrics(evaluated.probs, labels, splits.class_names))
+
+
 def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneConfig]:
     from toolkit import backbones as registry
 
     members = members.strip()
+    if members.startswith("folds:"):  # --cv K with backbone stages training: member k validates on fold k
+        count = int(members.split(":", 1)[1])
+        return [dataclasses.replace(config, cv="off", fold=f"{k}/{count}") for k in range(1, count + 1)]
     if members.isdigit():
         count = int(members)
         if count < 2:

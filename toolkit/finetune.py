@@ -60,10 +60,25 @@ def finetune(config: FinetuneConfig, out: str | Path | None = None, overwrite: b
         raise UserError(f"--overwrite with --strategy multi-worker: every worker must write the same folder; "
                         f"remove {str(target)!r} first, or choose another --out")
     splits = load_checked_splits(config, progress=verbose > 0)
+    members = _fold_members(config, splits)
+    if members:
+        from toolkit.ensemble import finetune_ensemble
+
+        logger.info("--cv %d with a plan that trains backbone stages: %d members, each validating on its own fold, "
+                    "into one ensemble folder (about %dx the time of one run)", members, members, members)
+        return finetune_ensemble(config, f"folds:{members}", out=target, overwrite=overwrite, verbose=verbose)
     scale = distribute.resolve(config.strategy)  # before anything else runs TensorFlow ops
     logger.info("strategy: %s", scale.describe())
     run_dir = create_run(config, target, overwrite) if scale.is_chief else target
     return _run(run_dir, config, scale, splits, verbose, resuming=False)
+
+
+def _fold_members(config: FinetuneConfig, splits) -> int:
+    from toolkit.folds import fold_members
+
+    spec = backbones.get_spec(config.backbone)
+    plan = plan_freeze(config.freeze, len(splits.train), len(splits.class_names), [s.name for s in spec.stages])
+    return fold_members(config.cv, plan.head_only, (splits.train + splits.val).counts())
 
 
 def resume(run_dir: str | Path, verbose: int = 1) -> FinetuneResult:

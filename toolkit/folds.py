@@ -33,6 +33,19 @@ def parse_cv(value: str) -> int | str:
     return folds
 
 
+def parse_fold(value: str) -> tuple[int, int] | None:
+    """``k/K`` as (k - 1, K), 0-based; '' as None."""
+    if not value:
+        return None
+    try:
+        k, folds = (int(part) for part in str(value).split("/"))
+    except ValueError:
+        k, folds = 0, 0
+    if not (folds >= 2 and 1 <= k <= folds):
+        raise UserError(f"fold must be k/K with K >= 2 and 1 <= k <= K (validate on fold k of K). Received: fold={value!r}")
+    return k - 1, folds
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldPlan:
     """How a run validates: ``folds`` = 0 for today's holdout, else K-fold cross-validation; and why."""
@@ -69,13 +82,23 @@ def plan_folds(cv: str, class_counts: dict[str, int], head_only: bool, explicit_
     if mode > smallest:
         raise UserError(f"--cv {mode}: class {smallest_class!r} has only {smallest} labelled images, and every fold "
                         f"needs one of each class; use --cv between 2 and {smallest}, or auto. Received: cv={cv!r}")
-    if not head_only:
-        raise UserError(f"--cv {mode} with a freeze plan that trains backbone stages is not supported yet: use "
-                        f"--freeze all (head only) with --cv, or --cv off. Received: cv={cv!r}")
+    if not head_only:  # toolkit.finetune routes these runs to K members (fold_members); not here
+        raise UserError(f"--cv {mode} with a freeze plan that trains backbone stages trains K separate members: "
+                        f"run it through toolkit finetune. Received: cv={cv!r}")
     if not cached:
         raise UserError(f"--cv {mode} trains its heads on cached features; the recipe turns the cache off or it "
                         f"would not fit. Use --cache-features auto, or --cv off. Received: cv={cv!r}")
     return FoldPlan(mode, f"{mode}-fold cross-validation over all {sum(class_counts.values())} labelled images")
+
+
+def fold_members(cv: str, head_only: bool, pooled_counts: dict[str, int]) -> int:
+    """K when ``--cv K`` asks for K-fold with a plan that trains backbone stages (K members, each validating on its
+    own fold: an ensemble folder), else 0. ``auto`` leaves such runs on a holdout."""
+    mode = parse_cv(cv)
+    if head_only or not isinstance(mode, int):
+        return 0
+    plan_folds(cv, pooled_counts, True, True, True)  # the same range check as a head-only run
+    return mode
 
 
 def assign_folds(labels: Sequence[int], folds: int, seed: int, repeats: int = 1) -> np.ndarray:

@@ -175,9 +175,26 @@ def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
 def load_checked_splits(config: FinetuneConfig, progress: bool) -> DatasetSplits:
     """The run's data, refused (before any folder exists) when it cannot train and validate."""
     splits = load_splits(config.data, config.val_fraction, config.seed, progress=progress)
+    if config.fold:
+        splits = fold_split(splits, config.fold, config.seed)
     for warning in check_trainable(splits):
         logger.warning("data: %s", warning)
     return splits
+
+
+def fold_split(splits: DatasetSplits, fold: str, seed: int) -> DatasetSplits:
+    """``splits`` with train and val pooled, then fold k of K (``--fold k/K``, :func:`toolkit.folds.assign_folds`
+    with ``seed``) as the validation split and the other folds as training."""
+    import numpy as np
+
+    from toolkit.folds import assign_folds, parse_fold
+
+    k, folds = parse_fold(fold)
+    pooled = splits.train + splits.val
+    fold_of = assign_folds(pooled.labels, folds, seed)
+    return dataclasses.replace(splits, train=pooled.take(np.flatnonzero(fold_of != k)),
+                               val=pooled.take(np.flatnonzero(fold_of == k)),
+                               val_source=f"fold {k + 1} of {folds} of all labelled images (cross-validation, seed {seed})")
 
 
 def create_run(config: FinetuneConfig, out: str | Path | None = None, overwrite: bool = False) -> Path:
