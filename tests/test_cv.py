@@ -245,3 +245,21 @@ def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path)
     assert summary["findings"]["near_duplicate"] <= 2, duplicates
     manifest = (tmp_path / "audit" / "audit-manifest.csv").read_text()
     assert f"{data.resolve() / 'ants' / flipped.name},bees,train" in manifest
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--folds", "1"], "--folds must be an integer >= 2"),
+    (["--out", "{data}"], "same path as --data"),
+    (["--data", "{tmp}/missing"], "missing"),
+    (["--model", "{data}"], "is not a run folder"),
+])
+def test_audit_bad_input_is_one_line_and_leaves_nothing(sample_data, tmp_path, capsys, argv, expected):
+    from toolkit.cli import main
+
+    args = {"--data": str(sample_data), "--out": str(tmp_path / "audit")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        args[flag] = value.format(data=sample_data, tmp=tmp_path)
+    assert main(["audit", *[part for item in args.items() for part in item]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "audit").exists()

@@ -53,8 +53,11 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
 def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int = 1):
     """Every labelled image of ``data`` (all splits) with its out-of-fold probabilities and features
     (:class:`toolkit.audit.AuditInput`), from ``config``'s backbone."""
+    import keras
+
     from toolkit.datasets import load_splits
 
+    keras.utils.set_random_seed(config.seed)  # the heads' initialisation: the same audit for the same seed
     splits = load_splits(data, val_fraction=0.2, seed=config.seed, progress=verbose > 0)
     parts = [("train", splits.train), ("val", splits.val)] + ([("test", splits.test)] if splits.test else [])
     everything = splits.train + splits.val
@@ -134,8 +137,11 @@ def _cross_validated(views: np.ndarray, labels: np.ndarray, k: int, config, spli
 
     held = held_out(assign_folds(labels, k, config.seed, config.cv_repeats), k)
     heads = FoldHeads(held.shape[1], len(class_names), 0, config.dropout)
-    settings = FoldSettings(config.head_lr, config.label_smoothing, config.batch_size, config.head_epochs,
-                            config.early_stopping_patience, config.seed)
+    # No label smoothing: it pulls every probability towards uniform, and the audit ranks images by how
+    # confidently their label is contradicted (measured: precision@k of planted flips 0.67-0.88 with the
+    # recipe's 0.1, 0.70-0.92 without, on clothing-small and hymenoptera, 2 seeds each).
+    settings = FoldSettings(config.head_lr, 0.0, config.batch_size, config.head_epochs, config.early_stopping_patience,
+                            config.seed)
     per_head = fit_fold_heads(heads, views, labels, held, settings)
     features = views.mean(axis=0).reshape(len(labels), -1)
     return AuditInput(split.paths, labels, class_names, out_of_fold(per_head, held), features, names)

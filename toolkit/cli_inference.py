@@ -81,8 +81,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     centre crop); classes.json is written beside it."""
     from toolkit.export import export
 
-    target = export(args.model, args.format, args.out, args.overwrite, args.image_size)
+    target = export(args.model, args.format, args.out, args.overwrite, args.image_size, args.data)
     print(f"exported {args.format}: {target}")
+    report = target.parent / "export.json"
+    if args.format.startswith("tflite-") and report.is_file():
+        import json
+
+        r = json.loads(report.read_text())
+        kind = args.format.split("-", 1)[1]
+        print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f}, top-1 agreement "
+              f"{r['top1_agreement']:.4f} on {r['images']} images ({r['measured_on']}); {r['size_ratio']:.2f}x the float "
+              f"file, {r[kind + '_latency_ms']:.1f} vs {r['float_latency_ms']:.1f} ms per image on 1 thread")
     return 0
 
 
@@ -123,7 +132,12 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
 
     p = subcommand(sub, "export", _cmd_export, "export a model as SavedModel, TFLite or ONNX")
     _model_args(p, many=False)
-    p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx"))
+    p.add_argument("--format", required=True, choices=("savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx"),
+                   help="tflite-int8: full-integer quantization calibrated on the run's training images; tflite-fp16: "
+                   "float16 weights. Both write export.json: accuracy of the float and the quantized model, their "
+                   "agreement, sizes and single-thread latency")
+    p.add_argument("--data", default=None, help="labelled images the quantized formats measure themselves on (default: "
+                   "the run's validation split)")
     p.add_argument("--image-size", type=int, default=None, help="input size of the exported model (default: the "
                    "run's); the classifier is fully convolutional")
     p.add_argument("--out", required=True, help="output folder")

@@ -19,7 +19,12 @@ from toolkit import runs
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-FORMATS = ("savedmodel", "tflite", "onnx")
+FORMATS = ("savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
+FILE_NAMES = {"savedmodel": "savedmodel", "tflite": "model.tflite", "tflite-fp16": "model-fp16.tflite",
+              "tflite-int8": "model-int8.tflite", "onnx": "model.onnx"}
+
+
+EXPORT_REPORT = "export.json"
 
 
 class ExportUnavailableError(UserError):
@@ -41,12 +46,15 @@ def deployable_model(member, size: int):
     return keras.Model(inputs, probs, name="classifier")
 
 
-def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image_size: int | None = None) -> Path:
+def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image_size: int | None = None,
+           data: str | Path | None = None) -> Path:
+    """Write ``model`` in format ``fmt`` into the folder ``out``; quantized formats also measure themselves on the
+    run's validation images or on ``data`` (``export.json``, :mod:`toolkit.quantize`)."""
     from toolkit.inference import load_member
 
     if fmt not in FORMATS:
         raise UserError(f"Unknown export format. Received: format={fmt!r}; allowed: {', '.join(FORMATS)}")
-    inputs = {"--model": [model]}
+    inputs = {"--model": [model]} | ({"--data": [data]} if data else {})
     runs.check_apart(out, inputs)
     runs.check_replaceable(out, overwrite)
     if fmt == "onnx":
@@ -60,28 +68,68 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
         raise UserError(f"--image-size must be >= 32. Received: image_size={image_size!r}")
     member = load_member(model)
     size = image_size or member.image_size
+    measure_on = _measurement_data(model, data) if fmt.startswith("tflite-") else None
     keras_model = deployable_model(member, size)
-    names = {"savedmodel": "savedmodel", "tflite": "model.tflite", "onnx": "model.onnx"}
     with runs.output_dir(out, overwrite, "export", inputs) as stage:
         runs.write_json(stage / runs.CLASSES_FILE, list(member.class_names))
-        target = stage / names[fmt]
+        target = stage / FILE_NAMES[fmt]
         if fmt == "savedmodel":
             _export_savedmodel(keras_model, target)
-        elif fmt == "tflite":
-            import tensorflow as tf
-
-            with tempfile.TemporaryDirectory() as tmp:
-                _export_savedmodel(keras_model, Path(tmp) / "sm")
-                converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
-                flat = converter.convert()
-            with runs.atomic_path(target) as tmp_file:
-                tmp_file.write_bytes(flat)
+        elif fmt.startswith("tflite"):
+            _export_tflite(keras_model, fmt, target, member, size, measure_on)
         else:
             with runs.atomic_path(target) as tmp_file:
                 _export_onnx(keras_model, size, tmp_file)
-    target = Path(out) / names[fmt]
+    target = Path(out) / FILE_NAMES[fmt]
     logger.info("export: %s written to %s", fmt, target)
     return target
+
+
+def _measurement_data(model: str | Path, data: str | Path | None):
+    """(training split for int8 calibration, split to measure on, what it is) of the run, checked before any
+    folder is made."""
+    from toolkit.recipes import load_config
+    from toolkit.run_state import load_checked_splits
+
+    config = load_config(Path(model) / runs.RECIPE_FILE)
+    try:
+        splits = load_checked_splits(config, progress=False)
+    except UserError as exc:
+        raise UserError(f"a quantized export calibrates on the run's training images and measures itself on its "
+                        f"validation images, but its --data cannot be read ({exc})") from None
+    if data is None:
+        cv = (Path(model) / runs.METRICS_FILE).is_file() and "cv" in runs.read_json(Path(model) / runs.METRICS_FILE, "")
+        what = (f"the run's validation split ({len(splits.val)} images"
+                + ("; a cross-validated model trained on them too: pass --data with held-out images for an "
+                   "unbiased accuracy)" if cv else ")"))
+        return splits.train, splits.val, what
+    from toolkit.evaluate import evaluation_split
+
+    split, _, which = evaluation_split(data)
+    return splits.train, split, f"{data} ({which}, {len(split)} images)"
+
+
+def _export_tflite(keras_model, fmt: str, target: Path, member, size: int, measure_on) -> None:
+    """A TFLite file; a quantized one with its measurement beside it (export.json)."""
+    from toolkit import quantize
+
+    kind = fmt.split("-", 1)[1] if "-" in fmt else "float"
+    with tempfile.TemporaryDirectory() as tmp:
+        _export_savedmodel(keras_model, Path(tmp) / "sm")
+        float_bytes = quantize.converter(Path(tmp) / "sm", "float").convert()
+        flat = float_bytes
+        if kind != "float":
+            train, evaluated, what = measure_on
+            representative = quantize.representative_images(train, size, member.crop_fraction)
+            flat = quantize.converter(Path(tmp) / "sm", kind, representative).convert()
+    with runs.atomic_path(target) as tmp_file:
+        tmp_file.write_bytes(flat)
+    if kind != "float":
+        import numpy as np
+
+        images, labels = quantize.evaluation_images(evaluated, size, member.crop_fraction)
+        report = quantize.measure(float_bytes, flat, kind, images, np.asarray(labels), what)
+        runs.write_json(target.parent / EXPORT_REPORT, report)
 
 
 def _export_onnx(keras_model, size: int, target: Path) -> None:

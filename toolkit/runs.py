@@ -65,7 +65,8 @@ WRITTEN: dict[str, tuple[str, ...]] = {
                              "mistakes.png"),
     "explain": _COMMON + ("*.png",),
     "audit": _COMMON + _AUDIT + (CACHE_DIR,),
-    "export": _COMMON + (CLASSES_FILE, "savedmodel", "model.tflite", "model.onnx"),
+    "export": _COMMON + (CLASSES_FILE, "savedmodel", "model.tflite", "model-fp16.tflite", "model-int8.tflite",
+                         "model.onnx", "export.json"),
 }
 # The header every predictions CSV starts with: --overwrite replaces only such a file.
 PREDICTIONS_HEADER = "path,label,probability"
