@@ -234,6 +234,27 @@ def test_exported_models_give_what_predict_gives(runs_trained, sample_data, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["tflite-int8", "tflite-fp16"])
+def test_quantized_exports_measure_themselves(runs_trained, sample_data, tmp_path, fmt):
+    from toolkit.evaluate import evaluation_split
+    from toolkit.export import export
+
+    kind = fmt.split("-")[1]
+    target = export(str(runs_trained[0]), fmt, tmp_path / fmt, data=str(sample_data))
+    report = json.loads((tmp_path / fmt / "export.json").read_text())
+    assert report["images"] == 96 and report[f"{kind}_bytes"] == target.stat().st_size
+    assert report["size_ratio"] < (0.35 if kind == "int8" else 0.6)  # int8 weights: a quarter; fp16: a half
+    assert report["float_latency_ms"] > 0 and report[f"{kind}_latency_ms"] > 0
+    # the recorded accuracy is what the exported file itself gives on those images, in the TFLite interpreter
+    split, _, _ = evaluation_split(sample_data)
+    x = np.stack([eval_image(tf.io.read_file(p), j, 96).numpy() for p, j in zip(split.decode_paths, split.is_jpeg)])
+    probs = _run_exported("tflite", target, x)
+    assert report[f"{kind}_accuracy"] == pytest.approx((probs.argmax(1) == np.asarray(split.labels)).mean())
+    if kind == "fp16":  # float16 weights barely move the probabilities
+        assert report["top1_agreement"] >= 0.98 and report["max_probability_difference"] < 0.05
+
+
+@pytest.mark.slow
 def test_onnx_export_says_how_to_get_it_when_missing(runs_trained, tmp_path, monkeypatch):
     from toolkit.export import ExportUnavailableError, export
 
