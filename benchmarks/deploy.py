@@ -1,13 +1,28 @@
-"""Every export format on clothing-small's test images, side by side in one run.
+"""Deployment, measured: every export format on clothing-small's test images, and candidate scores for
+telling images of unknown classes apart, side by side in one run.
 
-    python benchmarks/deploy.py [--run RUN] [--json]
+    python benchmarks/deploy.py [--run RUN] [--only formats|unknown] [--json]
 
+**Formats.**
 Trains (or takes ``--run``) `toolkit finetune --data clothing-small --freeze all` (mobilenet_v2, 224 px,
 the data's validation/ split), exports it in every format with `toolkit export`, and runs each file in its
 own runtime (TensorFlow for the SavedModel, the TFLite interpreter, onnxruntime) on the centre crops of
 the 372 test images. Printed per format: accuracy with its 95 % interval, top-1 agreement with the Keras
 model and the largest probability difference, file size, and single-thread latency per image (median
 of 20, after a warm-up).
+
+**Unknown classes** (which score `predict --unknown` should use; not built yet). mobilenet_v2 pooled
+features of each centre crop and its mirror image; 5-fold x 3 fold heads (`toolkit.fold_heads`) on the
+known classes' training images. Two settings: clothing-small with 2 of its 10 classes (drawn with seed 0)
+held out of training, tested on its test images; hymenoptera (train/) with clothing-small's test photos as
+the unknowns, tested on val/. Candidates: 1 − max probability, entropy, Mahalanobis distance to the
+nearest class mean (shared Ledoit-Wolf covariance), relative Mahalanobis (minus the distance to the
+global mean), cosine distance to the 1st and 5th nearest training image, and sums of two scores each
+normalised by the median and IQR of its out-of-fold values. For each: AUROC (known vs unknown test
+images), and with the threshold at the 95th percentile of its out-of-fold values (the `auto` rule:
+5 % of known images rejected) the rejection rate of known test images, of unknown ones, and the accuracy
+on the accepted known images. Out-of-fold: probabilities from the heads that never saw the image,
+feature statistics fitted without the image's fold, neighbours other than the image itself.
 """
 
 from __future__ import annotations
@@ -66,6 +81,134 @@ def runner(fmt: str, target: Path):
     return run
 
 
+def pooled_views(split, size: int = 224) -> np.ndarray:
+    """(2, images, 1280): mobilenet_v2 pooled features of each centre crop and of its mirror image."""
+    import tensorflow as tf
+
+    from toolkit import backbones
+    from toolkit.feature_cache import feature_extractor, inference
+    from toolkit.head import NINHead
+    from toolkit.pipeline import make_dataset
+
+    forward = inference(feature_extractor(backbones.create("mobilenet_v2", input_shape=(None, None, 3)), NINHead(2)))
+    plain, mirror = [], []
+    for x, _ in make_dataset(split, size, 32, training=False):
+        plain.append(np.asarray(forward(x)).reshape(len(x), -1))
+        mirror.append(np.asarray(forward(tf.image.flip_left_right(x))).reshape(len(x), -1))
+    return np.stack([np.concatenate(plain), np.concatenate(mirror)])
+
+
+class FeatureScores:
+    """Feature-space scores fitted on training features ``bank`` with labels ``y``."""
+
+    def __init__(self, bank: np.ndarray, y: np.ndarray):
+        from sklearn.covariance import LedoitWolf
+        from sklearn.neighbors import NearestNeighbors
+
+        classes = np.unique(y)
+        self.means = np.stack([bank[y == c].mean(0) for c in classes])
+        self.precision = LedoitWolf().fit(bank - self.means[np.searchsorted(classes, y)]).precision_
+        self.centre = bank.mean(0)
+        self.global_precision = LedoitWolf().fit(bank).precision_
+        unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+        self.neighbours = NearestNeighbors(n_neighbors=6, metric="cosine").fit(unit)
+
+    def __call__(self, f: np.ndarray, exclude_self: bool = False) -> dict[str, np.ndarray]:
+        d = np.stack([np.einsum("ij,jk,ik->i", f - m, self.precision, f - m) for m in self.means], 1).min(1)
+        g = np.einsum("ij,jk,ik->i", f - self.centre, self.global_precision, f - self.centre)
+        dist, _ = self.neighbours.kneighbors(f / np.linalg.norm(f, axis=1, keepdims=True))
+        dist = dist[:, 1:] if exclude_self else dist[:, :5]
+        return {"mahalanobis": d, "relative mahalanobis": d - g, "knn1": dist[:, 0], "knn5": dist[:, 4]}
+
+
+def probability_scores(p: np.ndarray) -> dict[str, np.ndarray]:
+    return {"1 - max prob": 1 - p.max(1), "entropy": -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)}
+
+
+def unknown_setting(name: str, train, y_train, known, y_known, unknown, classes: int) -> list[dict]:
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    from toolkit.fold_heads import FoldSettings, fit_fold_heads, per_head_probabilities
+    from toolkit.folds import assign_folds, held_out, out_of_fold
+    from toolkit.head import FoldHeads
+
+    views, known_views, unknown_views = pooled_views(train), pooled_views(known), pooled_views(unknown)
+    table = assign_folds(y_train, 5, 0, 3)
+    held = held_out(table, 5)
+    keras.utils.set_random_seed(0)
+    heads = FoldHeads(held.shape[1], classes)
+    per_head = fit_fold_heads(heads, views[:, :, None, None, :], y_train, held, FoldSettings())
+    model = heads.on_features((1, 1, views.shape[-1]))
+
+    def probs(v):
+        return per_head_probabilities(model, v.mean(0)[:, None, None, :].astype(np.float32), 32).mean(1)
+
+    bank = views.mean(0)
+    # out-of-fold reference: statistics without the image's fold (first repeat), neighbours other than itself
+    reference = {**probability_scores(out_of_fold(per_head, held)), **{k: np.zeros(len(bank)) for k in
+                                                                      ("mahalanobis", "relative mahalanobis")}}
+    for k in range(5):
+        inside = table[:, 0] == k
+        part = FeatureScores(bank[~inside], y_train[~inside])(bank[inside])
+        for key in ("mahalanobis", "relative mahalanobis"):
+            reference[key][inside] = part[key]
+    scorer = FeatureScores(bank, y_train)
+    reference.update({k: v for k, v in scorer(bank, exclude_self=True).items() if k.startswith("knn")})
+    p_known, p_unknown = probs(known_views), probs(unknown_views)
+    s_known = {**probability_scores(p_known), **scorer(known_views.mean(0))}
+    s_unknown = {**probability_scores(p_unknown), **scorer(unknown_views.mean(0))}
+
+    def normalised(scores, key):
+        q1, median, q3 = np.percentile(reference[key], [25, 50, 75])
+        return (scores[key] - median) / max(q3 - q1, 1e-12)
+
+    for a, b in (("1 - max prob", "mahalanobis"), ("1 - max prob", "knn5"), ("1 - max prob", "relative mahalanobis"),
+                 ("entropy", "knn5")):
+        key = f"{a} + {b}"
+        reference[key] = normalised(reference, a) + normalised(reference, b)
+        s_known[key] = normalised(s_known, a) + normalised(s_known, b)
+        s_unknown[key] = normalised(s_unknown, a) + normalised(s_unknown, b)
+    rows = []
+    for key in s_known:
+        threshold = np.percentile(reference[key], 95)
+        accepted = s_known[key] <= threshold
+        truth = np.r_[np.zeros(len(s_known[key])), np.ones(len(s_unknown[key]))]
+        rows.append({"setting": name, "score": key, "auroc": float(roc_auc_score(truth, np.r_[s_known[key], s_unknown[key]])),
+                     "known_rejected": float(1 - accepted.mean()),
+                     "unknown_rejected": float((s_unknown[key] > threshold).mean()),
+                     "accepted_accuracy": float((p_known.argmax(1)[accepted] == y_known[accepted]).mean()),
+                     "accuracy": float((p_known.argmax(1) == y_known).mean()), "known": len(y_known),
+                     "unknown": len(s_unknown[key])})
+    return rows
+
+
+def unknown_scores() -> list[dict]:
+    from toolkit.datasets import load_splits
+
+    clothing, hymenoptera = load_splits(SHARED / "clothing-small"), load_splits(SHARED / "hymenoptera")
+    held_classes = sorted(np.random.default_rng(0).choice(len(clothing.class_names), 2, replace=False).tolist())
+    keep = {c: i for i, c in enumerate(c for c in range(len(clothing.class_names)) if c not in held_classes)}
+    train = clothing.train.take([i for i, y in enumerate(clothing.train.labels) if y in keep])
+    test_known = [i for i, y in enumerate(clothing.test.labels) if y in keep]
+    test_unknown = [i for i, y in enumerate(clothing.test.labels) if y not in keep]
+    name = f"clothing-small, {', '.join(clothing.class_names[c] for c in held_classes)} held out"
+    rows = unknown_setting(name, train, np.array([keep[y] for y in train.labels]), clothing.test.take(test_known),
+                           np.array([keep[clothing.test.labels[i]] for i in test_known]),
+                           clothing.test.take(test_unknown), len(keep))
+    rows += unknown_setting("hymenoptera, clothing-small photos as unknowns", hymenoptera.train,
+                            np.array(hymenoptera.train.labels), hymenoptera.val, np.array(hymenoptera.val.labels),
+                            clothing.test, 2)
+    print("\n| setting | score | AUROC | known rejected at auto | unknown rejected at auto | accepted accuracy "
+          "(all known) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} ({r['known']} known, {r['unknown']} unknown) | {r['score']} | {r['auroc']:.3f} | "
+              f"{r['known_rejected']:.3f} | {r['unknown_rejected']:.3f} | {r['accepted_accuracy']:.4f} "
+              f"({r['accuracy']:.4f}) |")
+    return rows
+
+
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -73,10 +216,20 @@ def size_of(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default=None, help="a trained run on clothing-small (default: train one)")
+    parser.add_argument("--only", choices=("formats", "unknown"), default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs the shared datasets at {SHARED}")
+    if args.only != "formats":
+        rows = unknown_scores()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+    if args.only != "unknown":
+        formats(args)
+
+
+def formats(args) -> None:
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -96,7 +249,7 @@ def main() -> None:
         x = np.stack([eval_image(tf.io.read_file(p), j, member.image_size, member.crop_fraction).numpy()
                       for p, j in zip(test.decode_paths, test.is_jpeg)]).astype(np.float32)
         labels = np.asarray(test.labels)
-        keras_probs = np.asarray(member.model(x, training=False))
+        keras_probs = np.concatenate([np.asarray(member.model(x[i:i + 32], training=False)) for i in range(0, len(x), 32)])
         from toolkit.calibration import apply_temperature
 
         keras_probs = apply_temperature(keras_probs, member.temperature)
