@@ -11,7 +11,7 @@ the 372 test images. Printed per format: accuracy with its 95 % interval, top-1 
 model and the largest probability difference, file size, and single-thread latency per image (median
 of 20, after a warm-up).
 
-**Unknown classes** (which score `predict --unknown` should use; not built yet). mobilenet_v2 pooled
+**Unknown classes** (which score `predict --unknown` uses, chosen here). mobilenet_v2 pooled
 features of each centre crop and its mirror image; 5-fold x 3 fold heads (`toolkit.fold_heads`) on the
 known classes' training images. Two settings: clothing-small with 2 of its 10 classes (drawn with seed 0)
 held out of training, tested on its test images; hymenoptera (train/) with clothing-small's test photos as
@@ -221,6 +221,9 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs the shared datasets at {SHARED}")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)  # the SavedModel's latency on one thread too
     if args.only != "formats":
         rows = unknown_scores()
         if args.json:
@@ -231,8 +234,6 @@ def main() -> None:
 
 def formats(args) -> None:
     import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
     from toolkit.inference import load_member
     from toolkit.pipeline import eval_image
     from toolkit.datasets import load_splits

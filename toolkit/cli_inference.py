@@ -30,8 +30,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
     from toolkit.verify import verify_files
 
+    from toolkit.unknown import parse_unknown
+
+    fraction = parse_unknown(args.unknown)
     out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
     members = load_models(args.model, args.weights)
+    if fraction is not None:
+        from toolkit.unknown import member_scorer
+
+        member_scorer(members)  # refused before any image is read
     records = verify_files(collect_images(args.images), progress=False)
     errors = {r.path: r.reason for r in records if not r.ok}
     good = [r for r in records if r.ok]
@@ -42,9 +49,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         progress = Progbar(len(good) * len(members), unit_name="image").add
     probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
                              args.batch_size, progress)
-    frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs)
+    unknown = None
+    if fraction is not None:
+        from toolkit.unknown import unknown_scores
+
+        unknown = unknown_scores(members, probs, [r.decode_path for r in good], [r.is_jpeg for r in good], fraction)
+    frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs,
+                              unknown)
     runs.write_text(out, frame.to_csv(index=False))
-    print(f"{len(good)} images predicted, {len(errors)} unreadable (rows say why); written to {out}")
+    rejected = f", {int((unknown[0] > unknown[1]).sum())} labelled unknown" if unknown is not None else ""
+    print(f"{len(good)} images predicted{rejected}, {len(errors)} unreadable (rows say why); written to {out}")
     return 0
 
 
@@ -56,12 +70,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from toolkit.evaluate import evaluate
 
     m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size,
-                 verbose=0 if args.quiet else 1)
+                 verbose=0 if args.quiet else 1, unknown=args.unknown)
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
     which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
     low, high = m["accuracy_ci95"]
     print(f"accuracy {m['accuracy']:.4f} (95% CI {low:.2f}–{high:.2f}){top5}, macro F1 {m['macro_f1']:.4f}, "
           f"ECE {m['ece']:.4f} on {m['n']} {which}; written to {args.out}")
+    if "unknown" in m:
+        u = m["unknown"]
+        low, high = u["accepted_accuracy_ci95"]
+        print(f"--unknown: {u['n_rejected']} of {m['n']} images ({u['rejected']:.1%}) rejected as unknown (target "
+              f"{u['target_rejection']:.0%} of known-class images); accuracy on the {u['n_accepted']} accepted: "
+              f"{u['accepted_accuracy']:.4f} (95% CI {low:.2f}–{high:.2f})")
     return 0
 
 
@@ -110,6 +130,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown", default="off", metavar="auto|off|F", help="score how unlike the training classes each "
+                   "image is (unknown_score column; README: Unknown classes) and label it 'unknown' above a threshold "
+                   "that rejects a fraction F in (0, 1) of held-out images of the known classes (auto: 0.05)")
+
+
 def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "predict", _cmd_predict, "predict classes of new images, to CSV")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
@@ -117,12 +143,14 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=3, help="how many top classes to list")
     p.add_argument("--all-probs", action="store_true", help="also a prob_<class> column for every class")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    _unknown_arg(p)
 
     p = subcommand(sub, "evaluate", _cmd_evaluate,
                    "accuracy, per-class metrics, confusion matrix, calibration, mistakes")
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
     _model_args(p)
     p.add_argument("--out", required=True, help="output folder")
+    _unknown_arg(p)
 
     p = subcommand(sub, "explain", _cmd_explain, "class-activation maps overlaid on images")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")

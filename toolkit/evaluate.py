@@ -71,15 +71,21 @@ def evaluation_split(data: str | Path):
 
 
 def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none", weights=None,
-             overwrite: bool = False, batch_size: int = 32, verbose: int = 1) -> dict[str, Any]:
+             overwrite: bool = False, batch_size: int = 32, verbose: int = 1, unknown: str = "off") -> dict[str, Any]:
     from toolkit.errors import UserError
     from toolkit.figures import mistakes_png
     from toolkit.inference import load_models, predict_ensemble
+    from toolkit.unknown import parse_unknown, unknown_scores
 
+    fraction = parse_unknown(unknown)
     inputs = {"--model": list(models), "--data": [data]}
     runs.check_apart(out, inputs)
     runs.check_replaceable(out, overwrite)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
+    if fraction is not None:
+        from toolkit.unknown import member_scorer
+
+        member_scorer(members)  # refused before any image is read
     class_names = members[0].class_names
     split, splits, which = evaluation_split(data)
     index = {n: i for i, n in enumerate(class_names)}
@@ -95,6 +101,16 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
         progress = bar.add
     probs = predict_ensemble(members, split.decode_paths, split.is_jpeg, tta, batch_size, progress)
     metrics = classification_metrics(probs, labels, class_names)
+    if fraction is not None:
+        scores, threshold = unknown_scores(members, probs, split.decode_paths, split.is_jpeg, fraction)
+        accepted = scores <= threshold
+        correct = int((probs.argmax(1)[accepted] == labels[accepted]).sum())
+        metrics["unknown"] = {
+            "target_rejection": fraction, "threshold": threshold, "rejected": float(1 - accepted.mean()),
+            "n_rejected": int((~accepted).sum()), "n_accepted": int(accepted.sum()),
+            "accepted_accuracy": correct / max(int(accepted.sum()), 1),
+            "accepted_accuracy_ci95": list(accuracy_interval(correct, int(accepted.sum()))),
+        }
     metrics.update({"split": which, "tta": tta, "models": [str(m.path) for m in members],
                     "skipped_files": [dataclasses.asdict(p) for p in splits.skipped()]})
     with runs.output_dir(out, overwrite, "evaluation", inputs) as stage:

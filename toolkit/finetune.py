@@ -307,7 +307,13 @@ def _finish(run: Run, model, data, stats: dict, plan, kept: Stage, evaluated=Non
     metrics["strategy"] = {"kind": scale.kind, "replicas": scale.replicas, "workers": scale.workers,
                            "global_batch": data.global_batch}
     if scale.is_chief:
+        from toolkit.calibration import apply_temperature
+        from toolkit.unknown import run_scorer
+
         runs.write_json(run.dir / runs.CALIBRATION_FILE, calibration)
+        scorer = run_scorer(model, splits, data.size, config.crop_fraction,
+                            apply_temperature(probs, calibration["temperature"]), evaluated)
+        runs.write_bytes(run.dir / runs.UNKNOWN_FILE, scorer.to_bytes())
         write_run_outputs(run, model, stats, plan, metrics, measured, probs, labels)
         run.state.finished = True
         run.save_state()

@@ -309,8 +309,10 @@ def collect_images(inputs: Iterable[str]) -> list[str]:
 
 
 def predictions_frame(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str], errors: dict[str, str],
-                      top_k: int = 3, all_probs: bool = False):
-    """One row per input path: prediction, top-k, optional all probabilities, or the error."""
+                      top_k: int = 3, all_probs: bool = False, unknown: tuple[np.ndarray, float] | None = None):
+    """One row per input path: prediction, top-k, optional all probabilities, or the error. With ``unknown``
+    (scores of the readable images, threshold) an ``unknown_score`` column, and ``label`` is ``unknown`` above
+    the threshold (the top-k columns still name the closest known classes)."""
     import pandas as pd
 
     k = max(1, min(top_k, len(class_names)))
@@ -326,6 +328,11 @@ def predictions_frame(paths: Sequence[str], probs: np.ndarray, class_names: Sequ
             p = probs[row_of[path]]
             order = np.argsort(-p)[:k]
             row.update({"label": class_names[order[0]], "probability": float(p[order[0]]), "error": ""})
+            if unknown is not None:
+                score = float(unknown[0][row_of[path]])
+                row["unknown_score"] = score
+                if score > unknown[1]:
+                    row["label"] = "unknown"
             for rank, c in enumerate(order, start=1):
                 row[f"top{rank}_label"] = class_names[c]
                 row[f"top{rank}_prob"] = float(p[c])
@@ -333,6 +340,7 @@ def predictions_frame(paths: Sequence[str], probs: np.ndarray, class_names: Sequ
                 row.update({f"prob_{name}": float(v) for name, v in zip(class_names, p)})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    columns = ["path", "label", "probability"] + [c for c in frame.columns if c.startswith("top")]
+    columns = ["path", "label", "probability"] + (["unknown_score"] if unknown is not None else [])
+    columns += [c for c in frame.columns if c.startswith("top")]
     columns += [c for c in frame.columns if c.startswith("prob_")] + ["error"]
     return frame.reindex(columns=columns)

@@ -52,6 +52,7 @@ AUDIT_FILE = "audit.csv"  # toolkit audit (and a cross-validated run): the findi
 AUDIT_GALLERY = "audit.png"
 AUDIT_MANIFEST = "audit-manifest.csv"  # path,label[,split] with the suggested labels applied
 AUDIT_SUMMARY = "audit.json"
+UNKNOWN_FILE = "unknown.npz"  # what --unknown scores with (toolkit.unknown)
 _AUDIT = (AUDIT_FILE, AUDIT_GALLERY, AUDIT_MANIFEST, AUDIT_SUMMARY)
 
 _COMMON = (MARKER, LOCK_FILE, ".tmp-*")
@@ -59,7 +60,7 @@ _COMMON = (MARKER, LOCK_FILE, ".tmp-*")
 WRITTEN: dict[str, tuple[str, ...]] = {
     "run": _COMMON + (MODEL_FILE, RECIPE_FILE, STATE_FILE, CLASSES_FILE, CALIBRATION_FILE, METRICS_FILE, PCA_FILE,
                       DATA_FILE, REPORT_FILE, REPORT_HTML_FILE, HISTORY_FILE, CURVES_FILE, "*.weights.h5", CACHE_DIR,
-                      TENSORBOARD_DIR, FOLDS_FILE, CV_BEST_FILE) + _AUDIT,
+                      TENSORBOARD_DIR, FOLDS_FILE, CV_BEST_FILE, UNKNOWN_FILE) + _AUDIT,
     "ensemble": _COMMON + (ENSEMBLE_FILE, METRICS_FILE),  # and its member runs, each marked itself
     "evaluation": _COMMON + (METRICS_FILE, "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
                              "mistakes.png"),

@@ -1,0 +1,100 @@
+"""--unknown: the score, its threshold, its statistics stored with every run, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import shared_dataset
+from toolkit.errors import UserError
+from toolkit.unknown import fit_scorer, parse_unknown
+
+FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
+
+
+def test_unknown_values():
+    assert parse_unknown("off") is None and parse_unknown("auto") == 0.05 and parse_unknown("0.2") == 0.2
+    for bad in ("0", "1", "1.5", "-0.1", "many"):
+        with pytest.raises(UserError, match=r"--unknown must be auto, off, or the fraction .* in \(0, 1\)"):
+            parse_unknown(bad)
+
+
+def test_the_threshold_rejects_the_stated_fraction_of_held_out_known_images():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 8))
+    labels = rng.integers(0, 3, 200)
+    held_probs = rng.dirichlet(np.ones(3) * 0.3, 400)
+    scorer = fit_scorer(train, labels, 3, held_probs, rng.gamma(8.0, size=400))
+    for fraction in (0.05, 0.2):
+        assert np.mean(scorer.reference > scorer.threshold(fraction)) == pytest.approx(fraction, abs=0.005)
+    far = scorer.score(held_probs[:5], train[:5] + 50.0)  # far from every class mean: scored above all knowns
+    assert (far > scorer.reference.max()).all()
+
+
+@pytest.fixture(scope="module")
+def runs_with_statistics(sample_data, tmp_path_factory):
+    from toolkit.cli import main
+
+    root = tmp_path_factory.mktemp("unknown")
+    assert main(["-q", "finetune", "--data", str(sample_data), "--out", str(root / "holdout"), "--cv", "off"] + FAST) == 0
+    assert main(["-q", "finetune", "--data", str(sample_data), "--out", str(root / "cv")] + FAST) == 0
+    return root / "holdout", root / "cv"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", [0, 1])
+def test_photos_of_other_things_are_labelled_unknown(runs_with_statistics, sample_data, tmp_path, which):
+    """A model of drawn shapes, shown real photos of ants and bees: they score above the shapes it knows,
+    and --unknown auto labels them unknown while it keeps most known images."""
+    from toolkit.cli import main
+
+    run = runs_with_statistics[which]
+    photos = sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:20]
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in photos:
+        (images / p.name).symlink_to(p)
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", "--model", str(run), "--images", str(images), str(sample_data / "star"),
+                 "--unknown", "auto", "--out", str(out)]) == 0
+    import pandas as pd
+
+    frame = pd.read_csv(out)
+    is_photo = frame["path"].str.contains("images/")
+    assert frame.loc[is_photo, "unknown_score"].min() > frame.loc[~is_photo, "unknown_score"].median()
+    assert (frame.loc[is_photo, "label"] == "unknown").mean() >= 0.9
+    assert (frame.loc[~is_photo, "label"] == "star").mean() >= 0.8
+    reference = np.load(run / "unknown.npz")["reference"]
+    assert len(reference) == (20 if which == 0 else 96)  # the validation split, or every image out of fold
+
+
+@pytest.mark.slow
+def test_unknown_bad_input_is_one_line(runs_with_statistics, sample_data, tmp_path, capsys):
+    from toolkit.cli import main
+
+    holdout, cv = runs_with_statistics
+    old = tmp_path / "old-run"
+    shutil.copytree(holdout, old)
+    (old / "unknown.npz").unlink()  # as a run trained before the statistics were stored
+    cases = [
+        (["predict", "--model", str(holdout), "--images", str(sample_data / "star"), "--unknown", "1.5"], "in (0, 1)"),
+        (["predict", "--model", str(old), "--images", str(sample_data / "star"), "--unknown", "auto"], "Train it again"),
+        (["predict", "--model", str(holdout), "--model", str(cv), "--images", str(sample_data / "star"), "--unknown",
+          "auto"], "works with one model"),
+        (["evaluate", "--model", str(old), "--data", str(sample_data), "--unknown", "auto", "--out",
+          str(tmp_path / "ev")], "unknown.npz"),
+    ]
+    for argv, expected in cases:
+        out = ["--out", str(tmp_path / "p.csv")] if argv[0] == "predict" else []
+        assert main(["-q", *argv, *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "ev").exists()
+    assert main(["-q", "evaluate", "--model", str(cv), "--data", str(sample_data), "--unknown", "0.1", "--out",
+                 str(tmp_path / "ev")]) == 0
+    u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
+    assert u["n_accepted"] + u["n_rejected"] == 96 and u["target_rejection"] == 0.1

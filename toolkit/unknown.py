@@ -1,0 +1,182 @@
+"""``--unknown``: how unlike the training classes an image is, and when to call it ``unknown``.
+
+The score was chosen by measurement (``benchmarks/deploy.py``, the README's table): on clothing-small with
+two classes held out and on hymenoptera with clothing photos as unknowns, the max probability alone
+fails on one (AUROC 0.55) and feature distances alone are weaker there than together with it. The score
+is the sum of two parts, each normalised by the median and interquartile range of its values on held-out
+images of the known classes:
+
+* ``1 - max p``, with the run's calibrated probabilities;
+* the Mahalanobis distance of the image's pooled backbone features (centre crop) to the nearest class mean,
+  with one shared Ledoit-Wolf covariance, all fitted on the training images.
+
+A run stores the class means, the precision matrix, the normalisation and the held-out scores themselves
+(``unknown.npz``): ``--unknown auto`` rejects the 5 % of held-out known images that score highest, and
+``--unknown F`` (0 < F < 1) a fraction F of them. Held-out means the validation split of a holdout run,
+or for a cross-validated run the out-of-fold probabilities and distances from statistics fitted without
+the image's fold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+
+from toolkit import runs
+from toolkit.errors import UserError
+
+AUTO_REJECTION = 0.05  # --unknown auto: the fraction of held-out known images rejected
+UNKNOWN_LABEL = "unknown"
+
+
+def parse_unknown(value: str) -> float | None:
+    """``off`` → None; ``auto`` → :data:`AUTO_REJECTION`; a fraction in (0, 1) of known images to reject."""
+    text = str(value).strip().lower()
+    if text == "off":
+        return None
+    if text == "auto":
+        return AUTO_REJECTION
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction < 1:
+        raise UserError(f"--unknown must be auto, off, or the fraction of known-class images to reject, in (0, 1) "
+                        f"(auto: {AUTO_REJECTION}). Received: unknown={value!r}")
+    return fraction
+
+
+def mahalanobis_to_nearest(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means``."""
+    features = np.asarray(features, np.float64)
+    return np.stack([np.einsum("ij,jk,ik->i", features - m, precision, features - m) for m in means], 1).min(1)
+
+
+def class_statistics(features: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class means, shared Ledoit-Wolf precision) of pooled features; an absent class gets the overall mean."""
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, np.float64)
+    overall = features.mean(0)
+    means = np.stack([features[labels == c].mean(0) if (labels == c).any() else overall for c in range(classes)])
+    return means, LedoitWolf().fit(features - means[labels]).precision_
+
+
+@dataclasses.dataclass
+class UnknownScorer:
+    means: np.ndarray
+    precision: np.ndarray
+    spread: np.ndarray  # [[median, IQR] of 1 - max p, [median, IQR] of the distance]
+    reference: np.ndarray  # the held-out known images' scores
+
+    def score(self, probs: np.ndarray, features: np.ndarray) -> np.ndarray:
+        parts = (1.0 - np.asarray(probs).max(1), mahalanobis_to_nearest(features, self.means, self.precision))
+        return sum((part - median) / iqr for part, (median, iqr) in zip(parts, self.spread))
+
+    def threshold(self, fraction: float) -> float:
+        """The score above which ``fraction`` of the held-out known images lie."""
+        return float(np.quantile(self.reference, 1.0 - fraction))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return buffer.getvalue()
+
+
+def fit_scorer(train_features, train_labels, classes: int, held_probs, held_distances) -> UnknownScorer:
+    """From the training images' pooled features, and the held-out known images' calibrated probabilities and
+    distances (measured without them: see the module docstring)."""
+    means, precision = class_statistics(train_features, np.asarray(train_labels), classes)
+    parts = (1.0 - np.asarray(held_probs).max(1), np.asarray(held_distances))
+    spread = np.array([[np.median(p), max(float(np.subtract(*np.percentile(p, [75, 25]))), 1e-12)] for p in parts])
+    scorer = UnknownScorer(means.astype(np.float32), precision.astype(np.float32), spread, np.zeros(0))
+    scorer.reference = sum((p - median) / iqr for p, (median, iqr) in zip(parts, spread))
+    return scorer
+
+
+def held_out_distances(features: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, classes: int) -> np.ndarray:
+    """Each image's distance from statistics fitted on the other folds (a cross-validated run's reference)."""
+    out = np.zeros(len(labels))
+    for k in np.unique(fold_of):
+        inside = fold_of == k
+        means, precision = class_statistics(features[~inside], labels[~inside], classes)
+        out[inside] = mahalanobis_to_nearest(features[inside], means, precision)
+    return out
+
+
+def run_scorer(model, splits, size: int, crop_fraction: float, held_probs: np.ndarray, evaluated=None) -> UnknownScorer:
+    """A finished run's scorer. ``held_probs`` are its calibrated validation (or out-of-fold) probabilities;
+    ``evaluated`` a cross-validated run's :class:`toolkit.cross_validate.OutOfFold` (features already pooled)."""
+    classes = len(splits.class_names)
+    if evaluated is not None:
+        features, labels = evaluated.features, evaluated.labels
+        fold_of = evaluated.held[:, :evaluated.folds].argmax(1)  # the first repeat's folds
+        distances = held_out_distances(features, labels, fold_of, classes)
+    else:
+        features = centre_features(model, (splits.train.decode_paths, splits.train.is_jpeg), size, crop_fraction)
+        labels = np.asarray(splits.train.labels)
+        val = centre_features(model, (splits.val.decode_paths, splits.val.is_jpeg), size, crop_fraction)
+        means, precision = class_statistics(features, labels, classes)
+        distances = mahalanobis_to_nearest(val, means, precision)
+    return fit_scorer(features, labels, classes, held_probs, distances)
+
+
+def unknown_scores(members, probs: np.ndarray, decode_paths, is_jpeg, fraction: float) -> tuple[np.ndarray, float]:
+    """(score of each image, threshold rejecting ``fraction`` of held-out known images) for one model."""
+    member, scorer = member_scorer(members)
+    features = centre_features(member.model, (decode_paths, is_jpeg), member.image_size, member.crop_fraction)
+    scores = scorer.score(probs, features) if len(probs) else np.zeros(0)
+    return scores, scorer.threshold(fraction)
+
+
+def member_scorer(members):
+    """The one model's member and scorer; checked before any image is predicted."""
+    if len(members) != 1:
+        raise UserError(f"--unknown works with one model (its own statistics); received {len(members)} models. Pass "
+                        "one --model, or --unknown off.")
+    return members[0], load_scorer(members[0].path)
+
+
+def load_scorer(run: Path) -> UnknownScorer:
+    path = Path(run) / runs.UNKNOWN_FILE
+    if not path.is_file():
+        raise UserError(f"--unknown: {run} has no {runs.UNKNOWN_FILE} (the statistics the score needs), so it was "
+                        "trained before toolkit stored them. Train it again, or pass --unknown off.")
+    try:
+        with np.load(path) as saved:
+            return UnknownScorer(**{f.name: saved[f.name] for f in dataclasses.fields(UnknownScorer)})
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise UserError(f"--unknown: {path} cannot be read ({type(exc).__name__}); train the run again, or pass "
+                        "--unknown off.") from None
+
+
+def pooled_model(model):
+    """``model`` with a second output: the backbone's features averaged over space (what the score uses)."""
+    import keras
+
+    from toolkit.head import BACKBONE
+
+    names = [layer.name for layer in model.layers]
+    after = model.layers[names.index(BACKBONE) + 1]  # the head's first layer: its input is the backbone's output
+    pooled = keras.layers.GlobalAveragePooling2D(name="unknown_pool")(after.input)
+    return keras.Model(model.input, [model.output, pooled])
+
+
+def centre_features(model, split_or_paths, image_size: int, crop_fraction: float, batch_size: int = 32) -> np.ndarray:
+    """Pooled backbone features of the centre crops of ``(decode_paths, is_jpeg)``."""
+    import tensorflow as tf
+
+    from toolkit.pipeline import eval_image, finish, parallel_calls
+
+    decode_paths, is_jpeg = split_or_paths
+    if not len(decode_paths):
+        return np.zeros((0, 1), np.float32)
+    two = pooled_model(model)
+    forward = tf.function(lambda x: two(x, training=False)[1], reduce_retracing=True)
+    files = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
+    images = files.map(lambda p, j: eval_image(tf.io.read_file(p), j, image_size, crop_fraction),
+                       num_parallel_calls=parallel_calls(), deterministic=True)
+    return np.concatenate([np.asarray(forward(x), np.float32) for x in finish(images.batch(batch_size))])
