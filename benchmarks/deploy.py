@@ -209,6 +209,41 @@ def unknown_scores() -> list[dict]:
     return rows
 
 
+def unknown_end_to_end() -> None:
+    """The shipped `predict --unknown auto`, end to end: runs trained by `toolkit finetune --freeze all` on
+    clothing-small without shoes and shorts (its validation/ split, linked into a temporary folder) and on
+    hymenoptera; predicted on clothing's test/ and on hymenoptera's val/ plus clothing's test photos."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    clothing, hymenoptera, held = SHARED / "clothing-small", SHARED / "hymenoptera", ("shoes", "shorts")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "clothing-8"
+        for split in ("train", "validation"):
+            for folder in (clothing / split).iterdir():
+                if folder.is_dir() and folder.name not in held:
+                    (data / split / folder.name).mkdir(parents=True)
+                    for f in folder.iterdir():
+                        (data / split / folder.name / f.name).symlink_to(f)
+        print("\n| setting (shipped `predict --unknown auto`) | AUROC | known rejected | unknown rejected | accepted "
+              "accuracy (all known) |\n|---|---|---|---|---|")
+        for name, train, images, is_unknown in (
+                (f"clothing-small, {', '.join(held)} held out", data, [clothing / "test"], lambda p: p.split("/")[-2] in held),
+                ("hymenoptera, clothing-small test photos as unknowns", hymenoptera, [hymenoptera / "val", clothing / "test"],
+                 lambda p: str(clothing) in p)):
+            run, out = Path(tmp) / f"run-{len(name)}", Path(tmp) / f"p-{len(name)}.csv"
+            toolkit("finetune", "--data", str(train), "--freeze", "all", "--out", str(run))
+            toolkit("predict", "--model", str(run), "--images", *map(str, images), "--unknown", "auto", "--out", str(out))
+            frame = pd.read_csv(out)
+            unknown = frame["path"].map(is_unknown).to_numpy()
+            truth = frame["path"].str.split("/").str[-2].to_numpy()
+            rejected = (frame["label"] == "unknown").to_numpy()
+            kept = ~unknown & ~rejected
+            print(f"| {name} | {roc_auc_score(unknown, frame['unknown_score']):.3f} | {rejected[~unknown].mean():.3f} | "
+                  f"{rejected[unknown].mean():.3f} | {(frame['label'].to_numpy()[kept] == truth[kept]).mean():.4f} "
+                  f"({(frame['top1_label'].to_numpy()[~unknown] == truth[~unknown]).mean():.4f}) |", flush=True)
+
+
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -216,7 +251,7 @@ def size_of(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default=None, help="a trained run on clothing-small (default: train one)")
-    parser.add_argument("--only", choices=("formats", "unknown"), default=None)
+    parser.add_argument("--only", choices=("formats", "unknown", "unknown-e2e"), default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -224,11 +259,13 @@ def main() -> None:
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)  # the SavedModel's latency on one thread too
-    if args.only != "formats":
+    if args.only in (None, "unknown"):
         rows = unknown_scores()
         if args.json:
             print(json.dumps(rows, indent=1))
-    if args.only != "unknown":
+    if args.only in (None, "unknown-e2e"):
+        unknown_end_to_end()
+    if args.only in (None, "formats"):
         formats(args)
 
 
