@@ -389,22 +389,23 @@ def test_few_training_images_warn(tmp_path):
 
 @pytest.mark.slow
 def test_explain_on_an_extreme_aspect_ratio_stays_within_memory(run_copy, tmp_path):
-    """A 20000x100 JPEG: the whole-image view is held to a pixel budget (measured: max RSS of the process)."""
-    import resource
+    """A 20000x100 JPEG: the whole-image view is held to a pixel budget (measured: the peak RSS of the process).
 
+    The peak is /proc's VmHWM of the process's own memory. Not ru_maxrss: Linux carries it over from the forked
+    copy of the parent across exec, so in a long test session it reports pytest's own size."""
     recipe = run_copy / "recipe.toml"  # the default 224 px input (the head is fully convolutional)
     recipe.write_text(recipe.read_text().replace("image_size = 64", "image_size = 224"))
     row = np.linspace(0, 255, 20000, dtype=np.uint8)
     Image.fromarray(np.broadcast_to(row[None, :, None], (100, 20000, 3)).copy()).save(tmp_path / "wide.jpg")
-    code = ("import resource, sys; from toolkit.cli import main; rc = main(sys.argv[1:]); "
-            "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    code = ("import re, sys; from toolkit.cli import main; rc = main(sys.argv[1:]); "
+            "print('maxrss_kb', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, "explain", "--model", str(run_copy), "--images",
                            str(tmp_path / "wide.jpg"), "--out", str(tmp_path / "cams")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     maxrss_gb = int(done.stdout.split("maxrss_kb")[1].split()[0]) / 2**20
-    assert maxrss_gb < 3.0, maxrss_gb
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 < 3.0
+    assert 0.3 < maxrss_gb < 3.0, maxrss_gb
 
 
 def test_evaluate_summary_names_what_it_counted(trained, run_copy, capsys, tmp_path):
