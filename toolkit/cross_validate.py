@@ -65,10 +65,10 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     """Train the K fold heads of ``run`` on its cached features; (the K-head classifier, :class:`OutOfFold`)."""
     from toolkit.feature_cache import all_views_cache
     from toolkit.fit_data import class_weights
-    from toolkit.fold_heads import FoldSettings, fit_fold_heads, load_best, load_last, save_best
+    from toolkit.fold_heads import FoldSettings, fit_fold_heads, load_best, save_best
     from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads, build_classifier
-    from toolkit.stages import tensorboard_callbacks
+    from toolkit.stages import load_checkpoint, tensorboard_callbacks
 
     config, splits = run.config, run.splits
     pooled = splits.train + splits.val
@@ -101,8 +101,8 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
         save_best(best_path, best)
         run.save_state()
 
-    def resume_from(model) -> dict:
-        load_last(model, last_path)
+    def resume_from(model) -> dict:  # as stages.fit_stage resumes: the optimizer is built, so its moments load too
+        load_checkpoint(model.load_weights, last_path)
         return load_best(best_path)
 
     settings = FoldSettings(head_lr, config.label_smoothing, config.batch_size, config.head_epochs,

@@ -15,7 +15,6 @@ import dataclasses
 import io
 import logging
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -31,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # Training steps per call into TensorFlow: the heads are tiny, so per-step Python overhead would dominate.
 STEPS_PER_EXECUTION = 16
-
 
 
 @dataclasses.dataclass
@@ -176,9 +174,3 @@ def load_best(path) -> dict[int, list[np.ndarray]]:
     if path.is_file():
         load_checkpoint(read, path)
     return best
-
-
-def load_last(model, path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        load_checkpoint(model.load_weights, path)
