@@ -81,21 +81,16 @@ def runner(fmt: str, target: Path):
     return run
 
 
-def pooled_views(split, size: int = 224) -> np.ndarray:
-    """(2, images, 1280): mobilenet_v2 pooled features of each centre crop and of its mirror image."""
-    import tensorflow as tf
-
+def pooled_views(split) -> np.ndarray:
+    """(2, images, 1280): mobilenet_v2 pooled features of each centre crop and of its mirror image, at 224 px
+    (what `toolkit audit` computes)."""
     from toolkit import backbones
-    from toolkit.feature_cache import feature_extractor, inference
-    from toolkit.head import NINHead
-    from toolkit.pipeline import make_dataset
+    from toolkit.audit_data import centre_and_mirror_features
+    from toolkit.config import FinetuneConfig
 
-    forward = inference(feature_extractor(backbones.create("mobilenet_v2", input_shape=(None, None, 3)), NINHead(2)))
-    plain, mirror = [], []
-    for x, _ in make_dataset(split, size, 32, training=False):
-        plain.append(np.asarray(forward(x)).reshape(len(x), -1))
-        mirror.append(np.asarray(forward(tf.image.flip_left_right(x))).reshape(len(x), -1))
-    return np.stack([np.concatenate(plain), np.concatenate(mirror)])
+    config = FinetuneConfig()
+    backbone = backbones.create(config.backbone, input_shape=(None, None, 3))
+    return centre_and_mirror_features(backbone, split, config, 0).reshape(2, len(split), -1)
 
 
 class FeatureScores:
@@ -105,16 +100,18 @@ class FeatureScores:
         from sklearn.covariance import LedoitWolf
         from sklearn.neighbors import NearestNeighbors
 
-        classes = np.unique(y)
-        self.means = np.stack([bank[y == c].mean(0) for c in classes])
-        self.precision = LedoitWolf().fit(bank - self.means[np.searchsorted(classes, y)]).precision_
+        from toolkit.unknown import class_statistics
+
+        self.means, self.precision = class_statistics(bank, y, int(y.max()) + 1)  # what --unknown stores
         self.centre = bank.mean(0)
         self.global_precision = LedoitWolf().fit(bank).precision_
         unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
         self.neighbours = NearestNeighbors(n_neighbors=6, metric="cosine").fit(unit)
 
     def __call__(self, f: np.ndarray, exclude_self: bool = False) -> dict[str, np.ndarray]:
-        d = np.stack([np.einsum("ij,jk,ik->i", f - m, self.precision, f - m) for m in self.means], 1).min(1)
+        from toolkit.unknown import mahalanobis_to_nearest
+
+        d = mahalanobis_to_nearest(f, self.means, self.precision)
         g = np.einsum("ij,jk,ik->i", f - self.centre, self.global_precision, f - self.centre)
         dist, _ = self.neighbours.kneighbors(f / np.linalg.norm(f, axis=1, keepdims=True))
         dist = dist[:, 1:] if exclude_self else dist[:, :5]

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import shared_dataset
 from toolkit.errors import UserError
-from toolkit.unknown import fit_scorer, parse_unknown
+from toolkit.unknown import class_statistics, fit_scorer, parse_unknown
 
 FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
 
@@ -28,7 +28,7 @@ def test_the_threshold_rejects_the_stated_fraction_of_held_out_known_images():
     train = rng.normal(size=(200, 8))
     labels = rng.integers(0, 3, 200)
     held_probs = rng.dirichlet(np.ones(3) * 0.3, 400)
-    scorer = fit_scorer(train, labels, 3, held_probs, rng.gamma(8.0, size=400))
+    scorer = fit_scorer(*class_statistics(train, labels, 3), held_probs, rng.gamma(8.0, size=400))
     for fraction in (0.05, 0.2):
         assert np.mean(scorer.reference > scorer.threshold(fraction)) == pytest.approx(fraction, abs=0.005)
     far = scorer.score(held_probs[:5], train[:5] + 50.0)  # far from every class mean: scored above all knowns

@@ -75,7 +75,7 @@ def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int
     if k < folds:
         logger.warning("audit: the smallest class has %d images, so %d folds instead of %d", counts.min(), k, folds)
     backbone = _backbone(config)
-    views = _centre_and_mirror_features(backbone, everything, config, verbose)
+    views = centre_and_mirror_features(backbone, everything, config, verbose)
     audit = _cross_validated(views, labels, k, config, everything, splits.class_names, names)
     audit.duplicate_features = duplicate_embedding(backbone, everything, config.batch_size)
     audit.decode_paths = everything.decode_paths
@@ -89,7 +89,7 @@ def _backbone(config):
                             weights=None if config.weights == "none" else config.weights)
 
 
-def _mirror_averaged(backbone, ds, bar=None) -> tuple[np.ndarray, np.ndarray]:
+def _plain_and_mirrored(backbone, ds, bar=None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features of each batch's images and of their mirror images: (plain, mirrored)."""
     import tensorflow as tf
 
@@ -106,7 +106,7 @@ def _mirror_averaged(backbone, ds, bar=None) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(plain), np.concatenate(mirrored)
 
 
-def _centre_and_mirror_features(backbone, split, config, verbose: int) -> np.ndarray:
+def centre_and_mirror_features(backbone, split, config, verbose: int) -> np.ndarray:
     """(2, images, 1, 1, channels): pooled backbone features of each centre crop and of its mirror image."""
     import keras
 
@@ -116,7 +116,7 @@ def _centre_and_mirror_features(backbone, split, config, verbose: int) -> np.nda
     size = config.image_size or backbones.get_spec(config.backbone).input_size
     ds = make_dataset(split, size, config.batch_size, training=False, crop_fraction=config.crop_fraction)
     bar = keras.utils.Progbar(-(-len(split) // config.batch_size), unit_name="batch") if verbose else None
-    return np.stack(_mirror_averaged(backbone, ds, bar))
+    return np.stack(_plain_and_mirrored(backbone, ds, bar))
 
 
 def duplicate_embedding(backbone, split, batch_size: int = 32) -> np.ndarray:
@@ -125,7 +125,7 @@ def duplicate_embedding(backbone, split, batch_size: int = 32) -> np.ndarray:
     from toolkit.pipeline import make_dataset
 
     ds = make_dataset(split, DUPLICATE_SIZE, batch_size, training=False, crop_fraction=1.0)
-    plain, mirrored = _mirror_averaged(backbone, ds)
+    plain, mirrored = _plain_and_mirrored(backbone, ds)
     return ((plain + mirrored) / 2).reshape(len(split), -1)
 
 

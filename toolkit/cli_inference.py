@@ -28,17 +28,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     an error column for unreadable files, which get a row saying why."""
     from toolkit import runs
     from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
+    from toolkit.unknown import member_scorer, parse_unknown, unknown_scores
     from toolkit.verify import verify_files
-
-    from toolkit.unknown import parse_unknown
 
     fraction = parse_unknown(args.unknown)
     out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
     members = load_models(args.model, args.weights)
     if fraction is not None:
-        from toolkit.unknown import member_scorer
-
-        member_scorer(members)  # refused before any image is read
+        checked = member_scorer(members)  # refused before any image is read
     records = verify_files(collect_images(args.images), progress=False)
     errors = {r.path: r.reason for r in records if not r.ok}
     good = [r for r in records if r.ok]
@@ -51,9 +48,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                              args.batch_size, progress)
     unknown = None
     if fraction is not None:
-        from toolkit.unknown import unknown_scores
-
-        unknown = unknown_scores(members, probs, [r.decode_path for r in good], [r.is_jpeg for r in good], fraction)
+        unknown = unknown_scores(*checked, probs, [r.decode_path for r in good], [r.is_jpeg for r in good], fraction)
     frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs,
                               unknown)
     runs.write_text(out, frame.to_csv(index=False))

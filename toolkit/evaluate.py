@@ -75,7 +75,7 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
     from toolkit.errors import UserError
     from toolkit.figures import mistakes_png
     from toolkit.inference import load_models, predict_ensemble
-    from toolkit.unknown import parse_unknown, unknown_scores
+    from toolkit.unknown import member_scorer, parse_unknown, unknown_scores
 
     fraction = parse_unknown(unknown)
     inputs = {"--model": list(models), "--data": [data]}
@@ -83,9 +83,7 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
     runs.check_replaceable(out, overwrite)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
     if fraction is not None:
-        from toolkit.unknown import member_scorer
-
-        member_scorer(members)  # refused before any image is read
+        checked = member_scorer(members)  # refused before any image is read
     class_names = members[0].class_names
     split, splits, which = evaluation_split(data)
     index = {n: i for i, n in enumerate(class_names)}
@@ -102,7 +100,7 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
     probs = predict_ensemble(members, split.decode_paths, split.is_jpeg, tta, batch_size, progress)
     metrics = classification_metrics(probs, labels, class_names)
     if fraction is not None:
-        scores, threshold = unknown_scores(members, probs, split.decode_paths, split.is_jpeg, fraction)
+        scores, threshold = unknown_scores(*checked, probs, split.decode_paths, split.is_jpeg, fraction)
         accepted = scores <= threshold
         correct = int((probs.argmax(1)[accepted] == labels[accepted]).sum())
         metrics["unknown"] = {

@@ -65,6 +65,15 @@ def class_statistics(features: np.ndarray, labels: np.ndarray, classes: int) -> 
     return means, LedoitWolf().fit(features - means[labels]).precision_
 
 
+def _parts(probs: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The score's two parts: 1 - max p, and the distance."""
+    return 1.0 - np.asarray(probs).max(1), np.asarray(distances)
+
+
+def _normalised_sum(parts, spread: np.ndarray) -> np.ndarray:
+    return sum((part - median) / iqr for part, (median, iqr) in zip(parts, spread))
+
+
 @dataclasses.dataclass
 class UnknownScorer:
     means: np.ndarray
@@ -73,8 +82,7 @@ class UnknownScorer:
     reference: np.ndarray  # the held-out known images' scores
 
     def score(self, probs: np.ndarray, features: np.ndarray) -> np.ndarray:
-        parts = (1.0 - np.asarray(probs).max(1), mahalanobis_to_nearest(features, self.means, self.precision))
-        return sum((part - median) / iqr for part, (median, iqr) in zip(parts, self.spread))
+        return _normalised_sum(_parts(probs, mahalanobis_to_nearest(features, self.means, self.precision)), self.spread)
 
     def threshold(self, fraction: float) -> float:
         """The score above which ``fraction`` of the held-out known images lie."""
@@ -86,15 +94,12 @@ class UnknownScorer:
         return buffer.getvalue()
 
 
-def fit_scorer(train_features, train_labels, classes: int, held_probs, held_distances) -> UnknownScorer:
-    """From the training images' pooled features, and the held-out known images' calibrated probabilities and
-    distances (measured without them: see the module docstring)."""
-    means, precision = class_statistics(train_features, np.asarray(train_labels), classes)
-    parts = (1.0 - np.asarray(held_probs).max(1), np.asarray(held_distances))
+def fit_scorer(means: np.ndarray, precision: np.ndarray, held_probs, held_distances) -> UnknownScorer:
+    """From the training images' :func:`class_statistics`, and the held-out known images' calibrated
+    probabilities and distances (measured without them: see the module docstring)."""
+    parts = _parts(held_probs, held_distances)
     spread = np.array([[np.median(p), max(float(np.subtract(*np.percentile(p, [75, 25]))), 1e-12)] for p in parts])
-    scorer = UnknownScorer(means.astype(np.float32), precision.astype(np.float32), spread, np.zeros(0))
-    scorer.reference = sum((p - median) / iqr for p, (median, iqr) in zip(parts, spread))
-    return scorer
+    return UnknownScorer(means.astype(np.float32), precision.astype(np.float32), spread, _normalised_sum(parts, spread))
 
 
 def held_out_distances(features: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, classes: int) -> np.ndarray:
@@ -112,21 +117,21 @@ def run_scorer(model, splits, size: int, crop_fraction: float, held_probs: np.nd
     ``evaluated`` a cross-validated run's :class:`toolkit.cross_validate.OutOfFold` (features already pooled)."""
     classes = len(splits.class_names)
     if evaluated is not None:
-        features, labels = evaluated.features, evaluated.labels
+        means, precision = class_statistics(evaluated.features, evaluated.labels, classes)
         fold_of = evaluated.held[:, :evaluated.folds].argmax(1)  # the first repeat's folds
-        distances = held_out_distances(features, labels, fold_of, classes)
+        distances = held_out_distances(evaluated.features, evaluated.labels, fold_of, classes)
     else:
         features = centre_features(model, (splits.train.decode_paths, splits.train.is_jpeg), size, crop_fraction)
-        labels = np.asarray(splits.train.labels)
+        means, precision = class_statistics(features, np.asarray(splits.train.labels), classes)
         val = centre_features(model, (splits.val.decode_paths, splits.val.is_jpeg), size, crop_fraction)
-        means, precision = class_statistics(features, labels, classes)
         distances = mahalanobis_to_nearest(val, means, precision)
-    return fit_scorer(features, labels, classes, held_probs, distances)
+    return fit_scorer(means, precision, held_probs, distances)
 
 
-def unknown_scores(members, probs: np.ndarray, decode_paths, is_jpeg, fraction: float) -> tuple[np.ndarray, float]:
-    """(score of each image, threshold rejecting ``fraction`` of held-out known images) for one model."""
-    member, scorer = member_scorer(members)
+def unknown_scores(member, scorer: UnknownScorer, probs: np.ndarray, decode_paths, is_jpeg,
+                   fraction: float) -> tuple[np.ndarray, float]:
+    """(score of each image, threshold rejecting ``fraction`` of held-out known images) for one model and its
+    scorer (:func:`member_scorer`)."""
     features = centre_features(member.model, (decode_paths, is_jpeg), member.image_size, member.crop_fraction)
     scores = scorer.score(probs, features) if len(probs) else np.zeros(0)
     return scores, scorer.threshold(fraction)
