@@ -26,6 +26,30 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def kill_after_epochs(cmd: list[str], state_file: Path, stage: str, epochs: int = 2, timeout: float = 240) -> int:
+    """Start ``cmd`` (a finetune), SIGKILL it once ``stage`` in its state.json has finished ``epochs`` epochs;
+    returns how many it had finished (the test fails when the run ends or stalls first)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(state_file.read_text()).get(stage, {}).get("epochs_done", 0) if state_file.is_file() else 0
+        except json.JSONDecodeError:  # caught mid-write of a temporary copy: try again
+            done = 0
+        if done >= epochs:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return done
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the run finished or stalled before it could be killed")
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
     """The project's own sample dataset, generated fresh by data/make_sample.py."""

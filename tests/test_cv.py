@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import shared_dataset
+from tests.conftest import kill_after_epochs, shared_dataset
 from toolkit.errors import UserError
 from toolkit.folds import assign_folds, held_out, out_of_fold, parse_cv, plan_folds, training_mask
 
@@ -188,20 +184,8 @@ def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
     cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(sample_data), "--out", str(run), "--cv", "3",
            "--image-size", "96", "--batch-size", "4", "--head-epochs", "40", "--early-stopping-patience", "40",
            "--cache-views", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    state_file, deadline, killed_after = run / "state.json", time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = json.loads(state_file.read_text()).get("cv", {}).get("epochs_done", 0) if state_file.is_file() else 0
-        except json.JSONDecodeError:
-            done = 0
-        if done >= 2:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed_after = done
-            break
-        time.sleep(0.1)
-    assert killed_after is not None, "the run finished or stalled before it could be killed"
+    state_file = run / "state.json"
+    kill_after_epochs(cmd, state_file, "cv")
     assert not (run / "model.keras").exists()
     best_before = json.loads(state_file.read_text())["cv"]["fold_best_epoch"]
 

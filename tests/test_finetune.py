@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import kill_after_epochs
 from toolkit.finetune import AccuracyGateError, finetune
 from toolkit.fit_data import class_weights
 from toolkit.stages import stage_lr_multipliers
@@ -161,24 +158,8 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(sample_data, tmp_path):
     cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(sample_data), "--out", str(run),
            "--image-size", "96", "--batch-size", "16", "--head-epochs", "3", "--freeze", "stage7",
            "--finetune-epochs", "6", "--finetune-lr", "0.0001"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     state_file = run / "state.json"
-    deadline = time.time() + 240
-    killed_after = None
-    while time.time() < deadline and proc.poll() is None:
-        if state_file.is_file():
-            try:
-                state = json.loads(state_file.read_text())
-            except json.JSONDecodeError:
-                state = {}
-            done = state.get("finetune", {}).get("epochs_done", 0)
-            if done >= 2:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed_after = done
-                break
-        time.sleep(0.2)
-    assert killed_after is not None, "the run finished or stalled before it could be killed"
+    killed_after = kill_after_epochs(cmd, state_file, "finetune")
     assert not (run / "model.keras").exists()
 
     from toolkit.cli import main
