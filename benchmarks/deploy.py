@@ -112,7 +112,7 @@ class FeatureScores:
         from toolkit.unknown import mahalanobis_to_nearest
 
         d = mahalanobis_to_nearest(f, self.means, self.precision)
-        g = np.einsum("ij,jk,ik->i", f - self.centre, self.global_precision, f - self.centre)
+        g = mahalanobis_to_nearest(f, self.centre[None], self.global_precision)
         dist, _ = self.neighbours.kneighbors(f / np.linalg.norm(f, axis=1, keepdims=True))
         dist = dist[:, 1:] if exclude_self else dist[:, :5]
         return {"mahalanobis": d, "relative mahalanobis": d - g, "knn1": dist[:, 0], "knn5": dist[:, 4]}

@@ -52,7 +52,8 @@ def parse_unknown(value: str) -> float | None:
 def mahalanobis_to_nearest(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each row of ``features`` to the nearest of ``means``."""
     features = np.asarray(features, np.float64)
-    return np.stack([np.einsum("ij,jk,ik->i", features - m, precision, features - m) for m in means], 1).min(1)
+    # (d @ P) * d summed by rows: a BLAS product (a three-operand einsum is a plain loop: 30x slower at 1280 features)
+    return np.stack([np.sum(((features - m) @ precision) * (features - m), axis=1) for m in means], 1).min(1)
 
 
 def class_statistics(features: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
