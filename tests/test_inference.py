@@ -252,6 +252,22 @@ def test_quantized_exports_measure_themselves(runs_trained, sample_data, tmp_pat
     assert report[f"{kind}_accuracy"] == pytest.approx((probs.argmax(1) == np.asarray(split.labels)).mean())
     if kind == "fp16":  # float16 weights barely move the probabilities
         assert report["top1_agreement"] >= 0.98 and report["max_probability_difference"] < 0.05
+    else:  # the kept calibration draw is the one closest to the float model on the check images
+        tried = report["calibration"]["draw_kl_divergence"]
+        assert len(tried) == 3 and report["calibration"]["chosen_draw"] == 1 + int(np.argmin(tried))
+
+
+def test_int8_calibration_draws_leave_the_check_images_out():
+    from toolkit.quantize import CALIBRATION_DRAWS, calibration_draws
+
+    for n in (3000, 400, 60):
+        check, draws = calibration_draws(n, seed=0)
+        assert len(draws) == CALIBRATION_DRAWS and len(check) == min(200, n // 3)
+        for draw in draws:
+            assert not set(draw) & set(check) and len(set(draw)) == len(draw) > 0
+        if n == 3000:  # enough images: the draws are disjoint too
+            assert not set(draws[0]) & set(draws[1]) and len(draws[0]) == 100
+    assert [list(d) for d in calibration_draws(400, 1)[1]] != [list(d) for d in calibration_draws(400, 0)[1]]
 
 
 @pytest.mark.slow

@@ -117,18 +117,20 @@ def _export_tflite(keras_model, fmt: str, target: Path, member, size: int, measu
     with tempfile.TemporaryDirectory() as tmp:
         _export_savedmodel(keras_model, Path(tmp) / "sm")
         float_bytes = quantize.converter(Path(tmp) / "sm", "float").convert()
-        flat = float_bytes
-        if kind != "float":
-            train, evaluated, what = measure_on
-            representative = quantize.representative_images(train, size, member.crop_fraction)
-            flat = quantize.converter(Path(tmp) / "sm", kind, representative).convert()
+        flat, calibration = float_bytes, None
+        if kind == "fp16":
+            flat = quantize.converter(Path(tmp) / "sm", kind).convert()
+        elif kind == "int8":
+            flat, calibration = quantize.calibrated_int8(Path(tmp) / "sm", float_bytes, measure_on[0], size,
+                                                         member.crop_fraction)
     with runs.atomic_path(target) as tmp_file:
         tmp_file.write_bytes(flat)
     if kind != "float":
         import numpy as np
 
+        _, evaluated, what = measure_on
         images, labels = quantize.evaluation_images(evaluated, size, member.crop_fraction)
-        report = quantize.measure(float_bytes, flat, kind, images, np.asarray(labels), what)
+        report = quantize.measure(float_bytes, flat, kind, images, np.asarray(labels), what, calibration)
         runs.write_json(target.parent / EXPORT_REPORT, report)
 
 
