@@ -22,7 +22,9 @@ normalised by the median and IQR of its out-of-fold values. For each: AUROC (kno
 images), and with the threshold at the 95th percentile of its out-of-fold values (the `auto` rule:
 5 % of known images rejected) the rejection rate of known test images, of unknown ones, and the accuracy
 on the accepted known images. Out-of-fold: probabilities from the heads that never saw the image,
-feature statistics fitted without the image's fold, neighbours other than the image itself.
+feature statistics fitted without the image's fold, neighbours other than the image itself. With
+``--pairs N`` the clothing-small setting is repeated for the first N distinct held-out pairs (seeds 0, 1, ...),
+and a summary over the pairs is printed.
 """
 
 from __future__ import annotations
