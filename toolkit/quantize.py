@@ -58,10 +58,13 @@ def representative_images(split, size: int, crop_fraction: float):
 
 def calibration_draws(n: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """(check indices, one index array per calibration draw) into ``n`` training images: disjoint where there are
-    enough images, otherwise the draws share the images left after the check set."""
+    enough images, otherwise the draws share the images left after the check set, and where those are no more
+    than one draw's worth, one draw of them all (identical draws would convert the same model again)."""
     order = np.random.default_rng(seed).permutation(n)
     check, rest = np.sort(order[:min(CHECK_IMAGES, n // 3)]), order[min(CHECK_IMAGES, n // 3):]
     per_draw = min(CALIBRATION_IMAGES, len(rest))
+    if per_draw == len(rest):
+        return check, [np.sort(rest)]
     if per_draw * CALIBRATION_DRAWS <= len(rest):
         return check, [np.sort(rest[i * per_draw:(i + 1) * per_draw]) for i in range(CALIBRATION_DRAWS)]
     rng = np.random.default_rng(seed + 1)
