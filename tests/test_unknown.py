@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +69,29 @@ def test_photos_of_other_things_are_labelled_unknown(runs_with_statistics, sampl
     assert (frame.loc[~is_photo, "label"] == "star").mean() >= 0.8
     reference = np.load(run / "unknown.npz")["reference"]
     assert len(reference) == (20 if which == 0 else 96)  # the validation split, or every image out of fold
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "10crop", "full"])
+def test_the_score_features_come_from_the_prediction_pass(runs_with_statistics, sample_data, mode):
+    """predict --unknown takes the centre crop's features from the pass that predicts (one backbone pass): they
+    match a separate centre-crop pass, and the probabilities match a plain prediction."""
+    from toolkit.inference import load_member, predict_member, predict_with_features
+    from toolkit.unknown import centre_features
+
+    member = load_member(runs_with_statistics[0])
+    paths = sorted(str(p) for p in (sample_data / "star").iterdir())[:6]
+    jpeg = [p.lower().endswith((".jpg", ".jpeg")) for p in paths]
+    probs, features = predict_with_features(member, paths, jpeg, mode, batch_size=20)
+    separate = centre_features(member.model, (paths, jpeg), member.image_size, member.crop_fraction)
+    assert features.shape == separate.shape and np.abs(features).max() > 0
+    if mode == "10crop":  # its views are cut from one whole decode; the separate pass decodes only the crop (JPEG
+        # chroma upsampling differs at the crop's edge): within 2 %, where a corner crop is tens of % away
+        difference = np.linalg.norm(features - separate, axis=1) / np.linalg.norm(separate, axis=1)
+        assert difference.max() < 0.02, difference
+    else:
+        np.testing.assert_allclose(features, separate, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(probs, predict_member(member, paths, jpeg, mode), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

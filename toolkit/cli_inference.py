@@ -27,15 +27,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     label, probability, top-k labels and probabilities (all class probabilities with --all-probs), and
     an error column for unreadable files, which get a row saying why."""
     from toolkit import runs
-    from toolkit.inference import collect_images, load_models, predict_ensemble, predictions_frame
-    from toolkit.unknown import member_scorer, parse_unknown, unknown_scores
+    from toolkit.inference import collect_images, load_models, predictions_frame
+    from toolkit.unknown import member_scorer, parse_unknown, predict_scored
     from toolkit.verify import verify_files
 
     fraction = parse_unknown(args.unknown)
     out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
     members = load_models(args.model, args.weights)
-    if fraction is not None:
-        checked = member_scorer(members)  # refused before any image is read
+    checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
     records = verify_files(collect_images(args.images), progress=False)
     errors = {r.path: r.reason for r in records if not r.ok}
     good = [r for r in records if r.ok]
@@ -44,11 +43,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from keras.utils import Progbar
 
         progress = Progbar(len(good) * len(members), unit_name="image").add
-    probs = predict_ensemble(members, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
-                             args.batch_size, progress)
-    unknown = None
-    if fraction is not None:
-        unknown = unknown_scores(*checked, probs, [r.decode_path for r in good], [r.is_jpeg for r in good], fraction)
+    probs, unknown = predict_scored(members, checked, [r.decode_path for r in good], [r.is_jpeg for r in good], args.tta,
+                                    args.batch_size, progress, fraction)
     frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, args.top_k, args.all_probs,
                               unknown)
     runs.write_text(out, frame.to_csv(index=False))

@@ -74,16 +74,15 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
              overwrite: bool = False, batch_size: int = 32, verbose: int = 1, unknown: str = "off") -> dict[str, Any]:
     from toolkit.errors import UserError
     from toolkit.figures import mistakes_png
-    from toolkit.inference import load_models, predict_ensemble
-    from toolkit.unknown import member_scorer, parse_unknown, unknown_scores
+    from toolkit.inference import load_models
+    from toolkit.unknown import member_scorer, parse_unknown, predict_scored
 
     fraction = parse_unknown(unknown)
     inputs = {"--model": list(models), "--data": [data]}
     runs.check_apart(out, inputs)
     runs.check_replaceable(out, overwrite)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
-    if fraction is not None:
-        checked = member_scorer(members)  # refused before any image is read
+    checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
     class_names = members[0].class_names
     split, splits, which = evaluation_split(data)
     index = {n: i for i, n in enumerate(class_names)}
@@ -97,10 +96,11 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
 
         bar = Progbar(len(split) * len(members), unit_name="image")
         progress = bar.add
-    probs = predict_ensemble(members, split.decode_paths, split.is_jpeg, tta, batch_size, progress)
+    probs, scored = predict_scored(members, checked, split.decode_paths, split.is_jpeg, tta, batch_size, progress,
+                                   fraction)
     metrics = classification_metrics(probs, labels, class_names)
-    if fraction is not None:
-        scores, threshold = unknown_scores(*checked, probs, split.decode_paths, split.is_jpeg, fraction)
+    if scored is not None:
+        scores, threshold = scored
         accepted = scores <= threshold
         correct = int((probs.argmax(1)[accepted] == labels[accepted]).sum())
         metrics["unknown"] = {

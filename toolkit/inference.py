@@ -61,16 +61,21 @@ class Member:
     weight: float = 1.0
     _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def forward(self, whole_images: bool = False):
+    def forward(self, whole_images: bool = False, features: bool = False):
         """The model's inference call, compiled once per member: a fixed input signature with any batch
-        (and, for whole images, any height and width) means no re-tracing between calls or batches."""
+        (and, for whole images, any height and width) means no re-tracing between calls or batches. With
+        ``features``, (probabilities, pooled backbone features) from the same pass (:func:`toolkit.unknown.pooled_model`)."""
         import tensorflow as tf
 
-        if whole_images not in self._forwards:
+        key = (whole_images, features)
+        if key not in self._forwards:
+            from toolkit.unknown import pooled_model
+
             size = None if whole_images else self.image_size
             spec = tf.TensorSpec((None, size, size, 3), tf.float32)
-            self._forwards[whole_images] = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
-        return self._forwards[whole_images]
+            model = pooled_model(self.model) if features else self.model
+            self._forwards[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        return self._forwards[key]
 
 
 def _load_keras_model(path: Path):
@@ -221,9 +226,34 @@ def view_count(mode: str) -> int:
     return {"none": 1, "flip": 2, "5crop": 5, "10crop": 10, "full": 1}[mode]
 
 
+def centre_view(mode: str) -> int:
+    """Which of a crop mode's views (:func:`_windows`' order: corners, then the centre; mirrors after) is the
+    plain centre crop, the view ``--unknown`` scores."""
+    return {"none": 0, "flip": 0, "5crop": 4, "10crop": 4}[mode]
+
+
 def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequence[bool], mode: str = "none",
                    batch_size: int = 32, progress=None) -> np.ndarray:
     """(N, C) view-averaged, temperature-scaled probabilities of one member."""
+    return _predict(member, decode_paths, is_jpeg, mode, batch_size, progress, features=False)[0]
+
+
+def predict_with_features(member: Member, decode_paths: Sequence[str], is_jpeg: Sequence[bool], mode: str = "none",
+                          batch_size: int = 32, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`predict_member`'s probabilities, (N, channels) pooled backbone features of each image's centre crop):
+    one backbone pass, the centre crop being one of the views (the crop modes cut it from the whole decoded image:
+    within about 1 % of the crop-only decode the score was fitted on); ``--tta full`` has none: a second pass."""
+    probs, features = _predict(member, decode_paths, is_jpeg, mode, batch_size, progress, features=mode != "full")
+    if features is None:
+        from toolkit.unknown import centre_features
+
+        features = centre_features(member.model, (decode_paths, is_jpeg), member.image_size, member.crop_fraction,
+                                   batch_size)
+    return probs, features
+
+
+def _predict(member: Member, decode_paths, is_jpeg, mode: str, batch_size: int, progress, features: bool):
+    """(probabilities, centre-crop features or None) of one member."""
     import tensorflow as tf
 
     from toolkit.pipeline import finish, parallel_calls
@@ -231,14 +261,14 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
     if mode not in TTA_MODES:
         raise ValueError(f"Unknown TTA mode. Received: tta={mode!r}; allowed: {', '.join(TTA_MODES)}")
     if not decode_paths:
-        return np.zeros((0, len(member.class_names)), np.float32)
+        return np.zeros((0, len(member.class_names)), np.float32), (np.zeros((0, 1), np.float32) if features else None)
     size = member.image_size
-    forward = member.forward(whole_images=mode == "full")
+    forward = member.forward(whole_images=mode == "full", features=features)
     files = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
     decoded = files.map(_views_function(size, mode, member.crop_fraction), num_parallel_calls=parallel_calls(),
                         deterministic=True)
 
-    out = []
+    out, pooled = [], []
     if mode == "full":  # sizes differ per image: one image at a time
         for views in finish(decoded):
             out.append(np.asarray(forward(views)).mean(axis=0))
@@ -251,12 +281,15 @@ def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequenc
         images_per_pass = max(1, batch_size // per_image)
         for views in finish(decoded.batch(images_per_pass)):
             count = int(views.shape[0])
-            probs = np.asarray(forward(tf.reshape(views, (-1, size, size, 3))))
-            out.append(probs.reshape(count, per_image, -1).mean(axis=1))
+            result = forward(tf.reshape(views, (-1, size, size, 3)))
+            if features:
+                result, centre = result
+                pooled.append(np.asarray(centre, np.float32).reshape(count, per_image, -1)[:, centre_view(mode)])
+            out.append(np.asarray(result).reshape(count, per_image, -1).mean(axis=1))
             if progress:
                 progress(count)
     probs = np.concatenate(out) if mode != "full" else np.stack(out)
-    return apply_temperature(probs, member.temperature)
+    return apply_temperature(probs, member.temperature), (np.concatenate(pooled) if features else None)
 
 
 def predict_ensemble(members: Sequence[Member], decode_paths, is_jpeg, mode: str = "none", batch_size: int = 32,

@@ -129,13 +129,19 @@ def run_scorer(model, splits, size: int, crop_fraction: float, held_probs: np.nd
     return fit_scorer(means, precision, held_probs, distances)
 
 
-def unknown_scores(member, scorer: UnknownScorer, probs: np.ndarray, decode_paths, is_jpeg,
-                   fraction: float) -> tuple[np.ndarray, float]:
-    """(score of each image, threshold rejecting ``fraction`` of held-out known images) for one model and its
-    scorer (:func:`member_scorer`)."""
-    features = centre_features(member.model, (decode_paths, is_jpeg), member.image_size, member.crop_fraction)
+def predict_scored(members, checked, decode_paths, is_jpeg, mode: str, batch_size: int, progress,
+                   fraction: float | None) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+    """(probabilities, (unknown score of each image, threshold rejecting ``fraction`` of held-out known images) or
+    None when ``fraction`` is None). ``checked`` is :func:`member_scorer`'s (member, scorer): the score's features
+    come from the same backbone pass as the probabilities."""
+    from toolkit.inference import predict_ensemble, predict_with_features
+
+    if fraction is None:
+        return predict_ensemble(members, decode_paths, is_jpeg, mode, batch_size, progress), None
+    member, scorer = checked
+    probs, features = predict_with_features(member, decode_paths, is_jpeg, mode, batch_size, progress)
     scores = scorer.score(probs, features) if len(probs) else np.zeros(0)
-    return scores, scorer.threshold(fraction)
+    return probs, (scores, scorer.threshold(fraction))
 
 
 def member_scorer(members):
