@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import shared_dataset
 from toolkit.errors import UserError
-from toolkit.unknown import class_statistics, fit_scorer, parse_unknown
+from toolkit.unknown import combined, fit_scorer, neighbour_distance, parse_unknown, unit_features
 
 FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
 
@@ -24,14 +24,30 @@ def test_unknown_values():
 
 def test_the_threshold_rejects_the_stated_fraction_of_held_out_known_images():
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(200, 8))
-    labels = rng.integers(0, 3, 200)
+    towards = np.eye(8)[0] * 4.0  # every known image's features point roughly along the first axis
+    train, held = rng.normal(size=(200, 8)) + towards, rng.normal(size=(400, 8)) + towards
     held_probs = rng.dirichlet(np.ones(3) * 0.3, 400)
-    scorer = fit_scorer(*class_statistics(train, labels, 3), held_probs, rng.gamma(8.0, size=400))
+    scorer = fit_scorer(train, held_probs, neighbour_distance(held, unit_features(train)))
+    assert scorer.bank.dtype == np.float16 and scorer.bank.shape == (200, 8)
     for fraction in (0.05, 0.2):
         assert np.mean(scorer.reference > scorer.threshold(fraction)) == pytest.approx(fraction, abs=0.005)
-    far = scorer.score(held_probs[:5], train[:5] + 50.0)  # far from every class mean: scored above all knowns
+    far = scorer.score(held_probs[:5], rng.normal(size=(5, 8)) - towards)  # the opposite way: above every known
     assert (far > scorer.reference.max()).all()
+
+
+def test_an_image_unusual_in_one_part_alone_is_rejected():
+    """Photos shown to a model of drawn shapes: called a shape as confidently as the known images are (1 - max p
+    low), but far from them in feature space. The known images' long tail of 1 - max p must not hide that."""
+    rng = np.random.default_rng(1)
+    certain = 1 - np.r_[rng.uniform(0.97, 0.995, 360), rng.uniform(0.3, 0.6, 40)]  # 1 - max p: 10 % long tail
+    held_probs = np.stack([1 - certain, certain / 2, certain / 2], 1)
+    distances = rng.normal(0.30, 0.03, 400)
+    scorer = fit_scorer(rng.normal(size=(50, 4)), held_probs, distances)
+    q1, q3 = np.percentile(distances, [25, 75])
+    photo = combined((np.array([0.01]), np.array([np.median(distances) + 4 * (q3 - q1)])), scorer.spread)
+    assert photo[0] > scorer.threshold(0.05)
+    ordinary = combined((np.array([0.01]), np.array([np.median(distances)])), scorer.spread)
+    assert ordinary[0] < scorer.threshold(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +118,15 @@ def test_unknown_bad_input_is_one_line(runs_with_statistics, sample_data, tmp_pa
     old = tmp_path / "old-run"
     shutil.copytree(holdout, old)
     (old / "unknown.npz").unlink()  # as a run trained before the statistics were stored
+    older = tmp_path / "older-run"
+    shutil.copytree(holdout, older)
+    np.savez(older / "unknown.npz", means=np.zeros((4, 8)), precision=np.eye(8), spread=np.ones((2, 2)),
+             reference=np.zeros(20))  # what --unknown stored before it used a feature bank
     cases = [
         (["predict", "--model", str(holdout), "--images", str(sample_data / "star"), "--unknown", "1.5"], "in (0, 1)"),
         (["predict", "--model", str(old), "--images", str(sample_data / "star"), "--unknown", "auto"], "Train it again"),
+        (["predict", "--model", str(older), "--images", str(sample_data / "star"), "--unknown", "auto"],
+         "another version of the score"),
         (["predict", "--model", str(holdout), "--model", str(cv), "--images", str(sample_data / "star"), "--unknown",
           "auto"], "works with one model"),
         (["evaluate", "--model", str(old), "--data", str(sample_data), "--unknown", "auto", "--out",
