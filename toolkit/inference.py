@@ -245,10 +245,7 @@ def predict_with_features(member: Member, decode_paths: Sequence[str], is_jpeg: 
     within about 1 % of the crop-only decode the score was fitted on); ``--tta full`` has none: a second pass."""
     probs, features = _predict(member, decode_paths, is_jpeg, mode, batch_size, progress, features=mode != "full")
     if features is None:
-        from toolkit.unknown import centre_features
-
-        features = centre_features(member.model, (decode_paths, is_jpeg), member.image_size, member.crop_fraction,
-                                   batch_size)
+        features = _predict(member, decode_paths, is_jpeg, "none", batch_size, None, features=True)[1]
     return probs, features
 
 
