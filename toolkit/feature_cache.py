@@ -90,14 +90,11 @@ def feature_cache(run: Run, backbone, head, data: FitData):
         bar = keras.utils.Progbar(n_batches, unit_name="batch") if run.verbose and scale.is_chief else None
         dtype = np.float32 if head.is_linear else np.float16
         forward = inference(extractor)
-        views = [forward_all(forward, data.image_data(train, False), dtype, bar)]  # view 0: the plain centre crop
-        views += [forward_all(forward, data.image_data(train, True, 100 + v), dtype, bar) for v in range(1, views_per_image)]
+        views = view_features(forward, data, train, views_per_image, dtype, bar)
         train_x = np.concatenate([v[0] for v in views])
         train_y = np.concatenate([v[1] for v in views])
-        val_x, val_y = forward_all(forward, data.image_data(val, False), dtype, bar)
-        with runs.atomic_path(cache_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+        val_x, val_y = view_features(forward, data, val, 1, dtype, bar)[0]
+        _save(cache_path, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
 
     head_model = head.on_features(train_x.shape[1:])
     train = data.arrays(train_x, train_y, True, len(splits.train) * views_per_image)
@@ -129,17 +126,25 @@ def all_views_cache(run: Run, backbone, head, data: FitData, split: Split) -> np
     bar = keras.utils.Progbar(math.ceil(len(split) / config.batch_size) * n_views, unit_name="batch") if run.verbose else None
     forward = inference(feature_extractor(backbone, head))
     dtype = np.float32 if head.is_linear else np.float16
-    views = []
-    for v in range(n_views):  # view 0 the centre crop; each view in the split's order (no shuffling)
-        x, y = forward_all(forward, data.image_data(split, v > 0, 100 + v, shuffle=False), dtype, bar)
-        if not np.array_equal(y, np.asarray(split.labels)):
-            raise RuntimeError("cross-validation features came out of the image order")
-        views.append(x)
-    views = np.stack(views)
+    views = view_features(forward, data, split, n_views, dtype, bar, shuffle=False)  # in the split's order
+    if not all(np.array_equal(y, np.asarray(split.labels)) for _, y in views):
+        raise RuntimeError("cross-validation features came out of the image order")
+    stacked = np.stack([x for x, _ in views])
+    _save(path, views=stacked)
+    return stacked
+
+
+def view_features(forward, data: FitData, split: Split, n_views: int, dtype, bar, shuffle: bool = True) -> list:
+    """[(outputs, labels)] of every image of ``split`` per view: view 0 the plain centre crop, view v > 0
+    augmented (seed offset 100 + v; shuffled unless ``shuffle`` is off)."""
+    return [forward_all(forward, data.image_data(split, v > 0, 100 + v, shuffle=shuffle), dtype, bar)
+            for v in range(n_views)]
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
     with runs.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, views=views)
-    return views
+            np.savez(f, **arrays)
 
 
 def read_feature_cache(path: Path, keys=("train_x", "train_y", "val_x", "val_y")) -> tuple[np.ndarray, ...] | None:
