@@ -50,6 +50,25 @@ def test_an_image_unusual_in_one_part_alone_is_rejected():
     assert ordinary[0] < scorer.threshold(0.05)
 
 
+def test_a_large_run_keeps_a_bank_of_at_most_max_bank_images(monkeypatch):
+    """Past MAX_BANK images the bank is a seeded subsample; the held-out reference is still each image's distance to
+    its 5th nearest *other* bank image (an image in the bank is not its own neighbour)."""
+    from types import SimpleNamespace
+
+    from toolkit import unknown
+
+    monkeypatch.setattr(unknown, "MAX_BANK", 50)
+    rng = np.random.default_rng(2)
+    features, probs = rng.normal(size=(120, 8)) + np.eye(8)[0] * 2, rng.dirichlet(np.ones(3), 120)
+    scorer = unknown.run_scorer(None, None, 0, 0.0, probs, SimpleNamespace(features=features))
+    assert scorer.bank.shape == (50, 8) and len(scorer.reference) == 120
+    rows = unknown.bank_rows(120)
+    similarity = unit_features(features) @ unit_features(features[rows]).T
+    similarity[rows, np.arange(50)] = -np.inf  # not its own neighbour
+    expected = fit_scorer(features[rows], probs, 1 - np.sort(similarity, axis=1)[:, -unknown.NEIGHBOURS])
+    np.testing.assert_allclose(scorer.reference, expected.reference, rtol=1e-2, atol=1e-2)
+
+
 @pytest.fixture(scope="module")
 def runs_with_statistics(sample_data, tmp_path_factory):
     from toolkit.cli import main

@@ -8,7 +8,8 @@ The score has two parts:
 
 * ``1 - max p``, with the run's calibrated probabilities;
 * the cosine distance of the image's pooled backbone features (centre crop) to its :data:`NEIGHBOURS`-th
-  nearest training image (the run stores its training images' features, unit length, as float16).
+  nearest training image (the run stores its training images' features, unit length, as float16; a seeded
+  random :data:`MAX_BANK` of them when it has more).
 
 Each part is put on one scale by its values on held-out images of the known classes: minus their median,
 divided by the distance from the median to their 95th percentile, so that 1 means "as unusual as the 5 %
@@ -39,6 +40,7 @@ AUTO_REJECTION = 0.05  # --unknown auto: the fraction of held-out known images r
 UNKNOWN_LABEL = "unknown"
 NEIGHBOURS = 5  # the distance part: to the 5th nearest training image (README: Unknown classes, knn1 vs knn5)
 TAIL_PERCENTILE = 95  # each part's scale: its median to this percentile on held-out known images
+MAX_BANK = 20_000  # training images kept for the distance part (2.5 KB each with mobilenet_v2: at most 51 MB)
 
 
 def parse_unknown(value: str) -> float | None:
@@ -121,14 +123,28 @@ def run_scorer(model, splits, size: int, crop_fraction: float, held_probs: np.nd
     """A finished run's scorer. ``held_probs`` are its calibrated validation (or out-of-fold) probabilities;
     ``evaluated`` a cross-validated run's :class:`toolkit.cross_validate.OutOfFold` (features already pooled)."""
     if evaluated is not None:
-        bank = unit_features(evaluated.features).astype(np.float16)  # as stored: the reference sees what predict sees
-        distances = neighbour_distance(evaluated.features, bank, leave_one_out=True)
+        features = np.asarray(evaluated.features)
+        inside = np.zeros(len(features), bool)
+        inside[bank_rows(len(features))] = True
+        bank = unit_features(features[inside]).astype(np.float16)  # as stored: the reference sees what predict sees
+        distances = np.empty(len(features))
+        distances[inside] = neighbour_distance(features[inside], bank, leave_one_out=True)
+        if not inside.all():
+            distances[~inside] = neighbour_distance(features[~inside], bank)
     else:
-        bank = unit_features(centre_features(model, (splits.train.decode_paths, splits.train.is_jpeg), size,
-                                             crop_fraction)).astype(np.float16)
+        train = splits.train.take(bank_rows(len(splits.train)))
+        bank = unit_features(centre_features(model, (train.decode_paths, train.is_jpeg), size, crop_fraction))
+        bank = bank.astype(np.float16)
         val = centre_features(model, (splits.val.decode_paths, splits.val.is_jpeg), size, crop_fraction)
         distances = neighbour_distance(val, bank)
     return fit_scorer(bank, held_probs, distances)
+
+
+def bank_rows(n: int, seed: int = 0) -> np.ndarray:
+    """Which of ``n`` training images the bank keeps: all, or a seeded random :data:`MAX_BANK` of them."""
+    if n <= MAX_BANK:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, MAX_BANK, replace=False))
 
 
 def predict_scored(members, checked, decode_paths, is_jpeg, mode: str, batch_size: int, progress,
