@@ -204,7 +204,7 @@ def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
 def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path):
     from PIL import Image
 
-    from toolkit.audit_data import audit_data
+    from toolkit.audit_data import AUDIT_BACKBONES, audit_data
 
     source = shared_dataset("hymenoptera") / "train"
     data = tmp_path / "data"
@@ -221,6 +221,7 @@ def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path)
         image.convert("RGB").resize((image.width * 2 // 3, image.height * 2 // 3)).save(
             data / "ants" / "copy.jpg", quality=70)
     summary = audit_data(data, tmp_path / "audit", verbose=0)
+    assert summary["backbones"] == list(AUDIT_BACKBONES)  # every probe's out-of-fold probabilities were averaged
     rows = (tmp_path / "audit" / "audit.csv").read_text().splitlines()
     labels = [r for r in rows if ",label," in r]
     assert any(flipped.name in r and r.split(",")[3] == "bees" for r in labels), rows[:10]
@@ -231,11 +232,47 @@ def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path)
     assert f"{data.resolve() / 'ants' / flipped.name},bees,train" in manifest
 
 
+def test_audit_flags_the_labels_with_the_lowest_out_of_fold_probability():
+    """An image labelled 1 whose given label has the lowest probability of all, but whose predicted class 0 falls
+    short of class 0's mean self-confidence: cleanlab's default filter (prune_by_noise_rate) does not count it as
+    wrong, and flags only the confidently contradicted ones; the audit ranks by the given label's probability."""
+    from toolkit.audit import AuditInput, find_issues
+
+    n = 60
+    labels = np.repeat([0, 1, 2], n)
+    probs = np.zeros((3 * n, 3))
+    probs[:n], probs[n:2 * n], probs[2 * n:] = [0.98, 0.01, 0.01], [0.15, 0.7, 0.15], [0.1, 0.1, 0.8]
+    probs[n:n + 6] = [0.995, 0.004, 0.001]  # labelled 1, confidently class 0
+    odd = n + 10
+    probs[odd] = [0.9, 0.0001, 0.0999]  # labelled 1, the lowest p(given label) of all
+    rng = np.random.default_rng(0)
+    probs = probs + rng.uniform(0, 1e-3, probs.shape)
+    probs /= probs.sum(axis=1, keepdims=True)
+    paths = [f"img{i:03d}.jpg" for i in range(len(labels))]
+    audit = AuditInput(paths, labels, ["a", "b", "c"], probs, rng.normal(size=(len(labels), 8)))
+    findings = find_issues(audit)
+    flagged = list(findings.loc[findings["issue"] == "label", "path"])
+    assert flagged[0] == paths[odd], flagged  # most suspicious first
+    assert len(flagged) >= 5 and all(p in paths[n:n + 6] for p in flagged[1:]), flagged
+    assert findings.loc[findings["path"] == paths[odd], "suggested_label"].iloc[0] == "a"
+
+
+def test_audit_help_names_the_default_probes(capsys):
+    from toolkit.audit_data import AUDIT_BACKBONES
+    from toolkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    assert ",".join(AUDIT_BACKBONES) in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--folds", "1"], "--folds must be an integer >= 2"),
     (["--out", "{data}"], "same path as --data"),
     (["--data", "{tmp}/missing"], "missing"),
     (["--model", "{data}"], "is not a run folder"),
+    (["--backbones", "mobilenet_v3"], "Unknown backbone"),
+    (["--backbones", "mobilenet_v2", "--model", "{data}"], "--backbones and --model both"),
 ])
 def test_audit_bad_input_is_one_line_and_leaves_nothing(sample_data, tmp_path, capsys, argv, expected):
     from toolkit.cli import main

@@ -111,10 +111,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     did not train on it, and cleanlab finds label issues, near-duplicates (across splits: leakage) and
     outliers. Writes audit.csv (most suspicious first), audit.png (the top findings), audit-manifest.csv
     (path,label,split with the suggested labels applied: review it, then `toolkit finetune --data` it) and
-    audit.json into --out. No trained model needed; --model RUN uses that run's backbone and image size."""
+    audit.json into --out. No trained model needed: the out-of-fold probabilities of several backbones' features
+    are averaged (--backbones); --model RUN uses that run's backbone and image size alone."""
     from toolkit.audit_data import audit_data
 
-    summary = audit_data(args.data, args.out, args.model, args.overwrite, args.folds, verbose=0 if args.quiet else 1)
+    probes = [name.strip() for name in args.backbones.split(",") if name.strip()] if args.backbones else None
+    summary = audit_data(args.data, args.out, args.model, args.overwrite, args.folds, verbose=0 if args.quiet else 1,
+                         backbones=probes)
     f = summary["findings"]
     print(f"{summary['images']} images audited: {f['label']} label issues, {f['near_duplicate']} near-duplicate pairs "
           f"({summary['near_duplicates_across_splits']} across splits), {f['outlier']} outliers; written to {args.out}")
@@ -163,8 +166,10 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
 
     p = subcommand(sub, "audit", _cmd_audit, "find label issues, near-duplicates and outliers in a dataset")
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
-    p.add_argument("--model", default=None, metavar="RUN", help="use this run's backbone and image size (default: "
-                   "the default backbone)")
+    p.add_argument("--model", default=None, metavar="RUN", help="use this run's backbone and image size alone")
+    p.add_argument("--backbones", default=None, metavar="NAME[,NAME...]", help="the probe backbones whose out-of-fold "
+                   "probabilities are averaged (default: mobilenet_v2,efficientnet_lite0,efficientnet_lite2; one name "
+                   "is faster)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds for the out-of-fold scores (>= 2)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier audit folder")

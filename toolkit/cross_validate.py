@@ -129,6 +129,7 @@ def _audit(run: Run, evaluated: OutOfFold, backbone, pooled) -> None:
     splits = run.splits
     names = ["train"] * len(splits.train) + ["val"] * len(splits.val)
     audit = AuditInput(evaluated.paths, evaluated.labels, splits.class_names, evaluated.probs, evaluated.features, names,
-                       duplicate_embedding(backbone, pooled, run.config.batch_size), pooled.decode_paths)
+                       duplicate_embedding(backbone, pooled, run.config.batch_size), pooled.decode_paths,
+                       (run.config.backbone,))
     write_audit(run.dir, audit, find_issues(audit))
     run.timed("audit_s", start)
