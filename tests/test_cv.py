@@ -257,6 +257,28 @@ def test_audit_flags_the_labels_with_the_lowest_out_of_fold_probability():
     assert findings.loc[findings["path"] == paths[odd], "suggested_label"].iloc[0] == "a"
 
 
+def test_audit_with_two_classes_calibrates_the_count_of_label_issues():
+    """With few classes cleanlab's plain count of label issues comes out low (its documentation says so): here the
+    images labelled 1 that are really 0 get p(0) = 0.75, short of class 0's mean 0.9, so they are not counted."""
+    from cleanlab.count import num_label_issues
+
+    from toolkit.audit import AuditInput, find_issues
+
+    rng = np.random.default_rng(0)
+    n = 100
+    labels = np.repeat([0, 1], n)
+    p0, p1 = np.clip(rng.normal(0.9, 0.05, n), 0.5, 0.999), np.clip(rng.normal(0.7, 0.1, n), 0.5, 0.999)
+    probs = np.stack([np.r_[p0, 1 - p1], np.r_[1 - p0, p1]], axis=1)
+    flips = np.r_[np.arange(6), np.arange(n, n + 6)]
+    probs[flips[:6]], probs[flips[6:]] = [0.3, 0.7], [0.75, 0.25]
+    paths = [f"img{i:03d}.jpg" for i in range(len(labels))]
+    findings = find_issues(AuditInput(paths, labels, ["a", "b"], probs, rng.normal(size=(len(labels), 8))))
+    flagged = list(findings.loc[findings["issue"] == "label", "path"])
+    plain = num_label_issues(labels, probs, estimation_method="off_diagonal")
+    assert len(flagged) == num_label_issues(labels, probs, estimation_method="off_diagonal_calibrated") > plain
+    assert set(flagged) <= {paths[i] for i in flips}, flagged
+
+
 def test_audit_help_names_the_default_probes(capsys):
     from toolkit.audit_data import AUDIT_BACKBONES
     from toolkit.cli import main
