@@ -77,6 +77,7 @@ def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int
     backbone keeps its image size and weights; the other probes run at their own input size with ImageNet weights."""
     from toolkit.audit import AuditInput
     from toolkit.datasets import load_splits
+    from toolkit.folds import assign_folds, held_out
 
     splits = load_splits(data, val_fraction=0.2, seed=config.seed, progress=verbose > 0)
     parts = [("train", splits.train), ("val", splits.val)] + ([("test", splits.test)] if splits.test else [])
@@ -94,6 +95,7 @@ def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int
                         "remove those classes.")
     if k < folds:
         logger.warning("audit: the smallest class has %d images, so %d folds instead of %d", counts.min(), k, folds)
+    held = held_out(assign_folds(labels, k, config.seed, config.cv_repeats), k)  # the same folds for every probe
     probs, features, duplicates = [], None, None
     for n, name in enumerate(backbones):
         probe = config if name == config.backbone else dataclasses.replace(config, backbone=name, image_size=0,
@@ -102,7 +104,7 @@ def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int
                     n + 1, len(backbones), name, len(everything), k * config.cv_repeats)
         backbone = _backbone(probe)
         views = centre_and_mirror_features(backbone, everything, probe, verbose)
-        probs.append(_out_of_fold(views, labels, k, config, len(splits.class_names)))
+        probs.append(_out_of_fold(views, labels, held, config, len(splits.class_names)))
         if features is None:
             features = views.mean(axis=0).reshape(len(labels), -1)
             duplicates = duplicate_embedding(backbone, everything, config.batch_size)
@@ -158,16 +160,16 @@ def duplicate_embedding(backbone, split, batch_size: int = 32) -> np.ndarray:
     return ((plain + mirrored) / 2).reshape(len(split), -1)
 
 
-def _out_of_fold(views: np.ndarray, labels: np.ndarray, k: int, config, classes: int) -> np.ndarray:
-    """(images, classes): out-of-fold probabilities of fold heads trained on one probe's ``views``."""
+def _out_of_fold(views: np.ndarray, labels: np.ndarray, held: np.ndarray, config, classes: int) -> np.ndarray:
+    """(images, classes): out-of-fold probabilities of fold heads trained on one probe's ``views``; ``held``:
+    (images, heads), True where the image is in the head's own fold (:func:`toolkit.folds.held_out`)."""
     import keras
 
     from toolkit.fold_heads import FoldSettings, fit_fold_heads
-    from toolkit.folds import assign_folds, held_out, out_of_fold
+    from toolkit.folds import out_of_fold
     from toolkit.head import FoldHeads
 
     keras.utils.set_random_seed(config.seed)  # the heads' initialisation: the same audit for the same seed
-    held = held_out(assign_folds(labels, k, config.seed, config.cv_repeats), k)
     heads = FoldHeads(held.shape[1], classes, 0, config.dropout)
     # No label smoothing: it pulls every probability towards uniform, and the audit ranks images by how
     # confidently their label is contradicted (measured: precision@k of planted flips 0.67-0.88 with the
