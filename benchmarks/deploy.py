@@ -135,7 +135,7 @@ class FeatureScores:
         g = mahalanobis_to_nearest(f, self.centre[None], self.global_precision)
         dist, _ = self.neighbours.kneighbors(unit_features(f))
         return {"mahalanobis": d, "relative mahalanobis": d - g, "knn1": dist[:, 1 if exclude_self else 0],
-                "knn5": neighbour_distance(f, self.unit, leave_one_out=exclude_self)}  # the shipped distance
+                "knn5": neighbour_distance(f, self.unit, leave_one_out=exclude_self)}  # the distance shipped until session 9
 
 
 def probability_scores(p: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,12 +146,13 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
                     classes: int) -> list[dict]:
     """Every candidate score in one setting, from :func:`pooled_views` of the training, known and unknown test images."""
     import keras
+    from scipy.special import logsumexp
     from sklearn.metrics import roc_auc_score
 
     from toolkit.fold_heads import FoldSettings, fit_fold_heads, per_head_probabilities
     from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads
-    from toolkit.unknown import combined, tail_scale
+    from toolkit.unknown import class_neighbour_distance, combined, tail_scale
 
     table = assign_folds(y_train, 5, 0, 3)
     held = held_out(table, 5)
@@ -177,6 +178,20 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     p_known, p_unknown = probs(known_views), probs(unknown_views)
     s_known = {**probability_scores(p_known), **scorer(known_views.mean(0))}
     s_unknown = {**probability_scores(p_unknown), **scorer(unknown_views.mean(0))}
+    features_in = keras.Input(shape=(1, 1, views.shape[-1]))
+    logits = keras.Model(features_in, heads.fold_logits(features_in))
+
+    def energy(v):  # (images, heads): minus the log-sum-exp of each head's logits
+        z = per_head_probabilities(logits, v.mean(0)[:, None, None, :].astype(np.float32), 32)
+        return -logsumexp(z, axis=2)
+
+    reference["energy"] = out_of_fold(energy(views)[:, :, None], held)[:, 0]
+    s_known["energy"], s_unknown["energy"] = energy(known_views).mean(1), energy(unknown_views).mean(1)
+    oof_predicted = out_of_fold(per_head, held).argmax(1)
+    reference["class knn5"] = class_neighbour_distance(bank, oof_predicted, scorer.unit.astype(np.float32), y_train,
+                                                       own_labels=y_train)
+    for scores, p, v in ((s_known, p_known, known_views), (s_unknown, p_unknown, unknown_views)):
+        scores["class knn5"] = class_neighbour_distance(v.mean(0), p.argmax(1), scorer.unit.astype(np.float32), y_train)
 
     def normalised(scores, key):
         q1, median, q3 = np.percentile(reference[key], [25, 50, 75])
@@ -188,7 +203,8 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
         reference[key] = normalised(reference, a) + normalised(reference, b)
         s_known[key] = normalised(s_known, a) + normalised(s_known, b)
         s_unknown[key] = normalised(s_unknown, a) + normalised(s_unknown, b)
-    for a, b in (("1 - max prob", "mahalanobis"), ("1 - max prob", "knn5")):  # the shipped rule (toolkit.unknown)
+    for a, b in (("1 - max prob", "mahalanobis"), ("1 - max prob", "knn5"), ("1 - max prob", "class knn5"),
+                 ("energy", "knn5"), ("energy", "class knn5")):  # the rule shipped (toolkit.unknown): the third
         key, spread = f"max({a}, {b})", np.array([tail_scale(reference[a]), tail_scale(reference[b])])
         for scores in (reference, s_known, s_unknown):
             scores[key] = combined((scores[a], scores[b]), spread)

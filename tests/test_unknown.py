@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import shared_dataset
 from toolkit.errors import UserError
-from toolkit.unknown import combined, fit_scorer, neighbour_distance, parse_unknown, unit_features
+from toolkit.unknown import (class_neighbour_distance, combined, fit_scorer, neighbour_distance, parse_unknown,
+                             unit_features)
 
 FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
 
@@ -26,13 +27,30 @@ def test_the_threshold_rejects_the_stated_fraction_of_held_out_known_images():
     rng = np.random.default_rng(0)
     towards = np.eye(8)[0] * 4.0  # every known image's features point roughly along the first axis
     train, held = rng.normal(size=(200, 8)) + towards, rng.normal(size=(400, 8)) + towards
-    held_probs = rng.dirichlet(np.ones(3) * 0.3, 400)
-    scorer = fit_scorer(train, held_probs, neighbour_distance(held, unit_features(train)))
-    assert scorer.bank.dtype == np.float16 and scorer.bank.shape == (200, 8)
+    train_labels, held_probs = rng.integers(0, 3, 200), rng.dirichlet(np.ones(3) * 0.3, 400)
+    held_distances = class_neighbour_distance(held, held_probs.argmax(1), unit_features(train), train_labels)
+    scorer = fit_scorer(train, train_labels, held_probs, held_distances)
+    assert scorer.bank.dtype == np.float16 and scorer.bank.shape == (200, 8) and len(scorer.bank_labels) == 200
     for fraction in (0.05, 0.2):
         assert np.mean(scorer.reference > scorer.threshold(fraction)) == pytest.approx(fraction, abs=0.005)
     far = scorer.score(held_probs[:5], rng.normal(size=(5, 8)) - towards)  # the opposite way: above every known
     assert (far > scorer.reference.max()).all()
+
+
+def test_the_distance_is_to_the_predicted_class():
+    """Shorts called pants, lying between the pants and the skirts: the distance that counts is to the pants, not
+    to the nearest training image of any class; a held-out reference image is not its own neighbour."""
+    bank = unit_features(np.array([[1, 0, 0]] * 6 + [[0, 1, 0]] * 6, float) + np.eye(3)[2] * 0.01)
+    labels = np.array([0] * 6 + [1] * 6)
+    near_b = np.array([[0.2, 1.0, 0.0]])
+    assert class_neighbour_distance(near_b, np.array([0]), bank, labels)[0] > 0.5  # predicted 0: far from class 0
+    assert class_neighbour_distance(near_b, np.array([1]), bank, labels)[0] < 0.05
+    assert neighbour_distance(near_b, bank)[0] < 0.05  # what the distance to any class would say
+    own = class_neighbour_distance(bank, labels, bank, labels, own_labels=labels)
+    assert own.max() < 1e-3  # 5 other identical rows of the own class
+    lone = class_neighbour_distance(bank[:1], np.array([0]), bank[[0, 6, 7, 8, 9, 10, 11]], labels[[0, 6, 7, 8, 9, 10, 11]],
+                                    own_labels=labels[:1])
+    assert lone[0] > 0.5  # alone in its class: no neighbour but itself, so the whole bank (class 1) is used
 
 
 def test_an_image_unusual_in_one_part_alone_is_rejected():
@@ -42,7 +60,7 @@ def test_an_image_unusual_in_one_part_alone_is_rejected():
     certain = 1 - np.r_[rng.uniform(0.97, 0.995, 360), rng.uniform(0.3, 0.6, 40)]  # 1 - max p: 10 % long tail
     held_probs = np.stack([1 - certain, certain / 2, certain / 2], 1)
     distances = rng.normal(0.30, 0.03, 400)
-    scorer = fit_scorer(rng.normal(size=(50, 4)), held_probs, distances)
+    scorer = fit_scorer(rng.normal(size=(50, 4)), np.zeros(50), held_probs, distances)
     q1, q3 = np.percentile(distances, [25, 75])
     photo = combined((np.array([0.01]), np.array([np.median(distances) + 4 * (q3 - q1)])), scorer.spread)
     assert photo[0] > scorer.threshold(0.05)
@@ -60,12 +78,16 @@ def test_a_large_run_keeps_a_bank_of_at_most_max_bank_images(monkeypatch):
     monkeypatch.setattr(unknown, "MAX_BANK", 50)
     rng = np.random.default_rng(2)
     features, probs = rng.normal(size=(120, 8)) + np.eye(8)[0] * 2, rng.dirichlet(np.ones(3), 120)
-    scorer = unknown.run_scorer(None, None, 0, 0.0, probs, SimpleNamespace(features=features))
+    labels = probs.argmax(1)  # every image predicted as its label
+    scorer = unknown.run_scorer(None, None, 0, 0.0, probs, SimpleNamespace(features=features, labels=labels))
     assert scorer.bank.shape == (50, 8) and len(scorer.reference) == 120
     rows = unknown.bank_rows(120)
+    np.testing.assert_array_equal(scorer.bank_labels, labels[rows])
     similarity = unit_features(features) @ unit_features(features[rows]).T
     similarity[rows, np.arange(50)] = -np.inf  # not its own neighbour
-    expected = fit_scorer(features[rows], probs, 1 - np.sort(similarity, axis=1)[:, -unknown.NEIGHBOURS])
+    similarity[labels[:, None] != labels[rows][None, :]] = -np.inf  # only its own (predicted) class
+    expected = fit_scorer(features[rows], labels[rows], probs,
+                          1 - np.sort(similarity, axis=1)[:, -unknown.NEIGHBOURS])
     np.testing.assert_allclose(scorer.reference, expected.reference, rtol=1e-2, atol=1e-2)
 
 
@@ -141,10 +163,16 @@ def test_unknown_bad_input_is_one_line(runs_with_statistics, sample_data, tmp_pa
     shutil.copytree(holdout, older)
     np.savez(older / "unknown.npz", means=np.zeros((4, 8)), precision=np.eye(8), spread=np.ones((2, 2)),
              reference=np.zeros(20))  # what --unknown stored before it used a feature bank
+    unlabelled = tmp_path / "unlabelled-bank-run"
+    shutil.copytree(holdout, unlabelled)
+    with np.load(holdout / "unknown.npz") as saved:  # what it stored before the distance was to the predicted class
+        np.savez(unlabelled / "unknown.npz", **{k: saved[k] for k in ("bank", "spread", "reference")})
     cases = [
         (["predict", "--model", str(holdout), "--images", str(sample_data / "star"), "--unknown", "1.5"], "in (0, 1)"),
         (["predict", "--model", str(old), "--images", str(sample_data / "star"), "--unknown", "auto"], "Train it again"),
         (["predict", "--model", str(older), "--images", str(sample_data / "star"), "--unknown", "auto"],
+         "another version of the score"),
+        (["predict", "--model", str(unlabelled), "--images", str(sample_data / "star"), "--unknown", "auto"],
          "another version of the score"),
         (["predict", "--model", str(holdout), "--model", str(cv), "--images", str(sample_data / "star"), "--unknown",
           "auto"], "works with one model"),

@@ -140,13 +140,17 @@ class FoldHeads:
         kernel[..., part], bias[part] = weights
         self.maps_conv.set_weights([kernel, bias])
 
-    def per_fold(self, features: keras.KerasTensor) -> keras.KerasTensor:
-        """(batch, K, C): each head's probabilities."""
+    def fold_logits(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        """(batch, K, C): each head's logits."""
         if self.bottleneck:
             maps = self.concat([head.maps(features) for head in self.heads])
         else:
             maps = self.maps_conv(self.dropout(features) if self.dropout else features)
-        return self.softmax(self.split(self.pool(maps)))
+        return self.split(self.pool(maps))
+
+    def per_fold(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        """(batch, K, C): each head's probabilities."""
+        return self.softmax(self.fold_logits(features))
 
     def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
         return self.mean(self.per_fold(features))

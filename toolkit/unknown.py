@@ -8,8 +8,12 @@ The score has two parts:
 
 * ``1 - max p``, with the run's calibrated probabilities;
 * the cosine distance of the image's pooled backbone features (centre crop) to its :data:`NEIGHBOURS`-th
-  nearest training image (the run stores its training images' features, unit length, as float16; a seeded
-  random :data:`MAX_BANK` of them when it has more).
+  nearest training image *of the class it is predicted to be* (the run stores its training images' features,
+  unit length, as float16, and their classes; a seeded random :data:`MAX_BANK` of them when it has more).
+  Shorts called pants lie about as close to the nearest skirts as known images lie to their own class; what
+  gives them away is that they are further from the pants than pants are. Over the 10 pairs this raised the
+  distance's AUROC by 0.020 on average and the score's by 0.009 (7 pairs up, none down by more than 0.004)
+  against the distance to the nearest image of any class.
 
 Each part is put on one scale by its values on held-out images of the known classes: minus their median,
 divided by the distance from the median to their 95th percentile, so that 1 means "as unusual as the 5 %
@@ -21,8 +25,8 @@ in feature space but confidently called one, were then accepted.)
 A run stores the feature bank, the normalisation and the held-out scores themselves (``unknown.npz``):
 ``--unknown auto`` rejects the 5 % of held-out known images that score highest, and ``--unknown F``
 (0 < F < 1) a fraction F of them. Held-out means the validation split of a holdout run (distances to the
-training images), or for a cross-validated run the out-of-fold probabilities and each image's distance to
-the other labelled images.
+training images of the predicted class), or for a cross-validated run the out-of-fold probabilities and each
+image's distance to the other labelled images of its out-of-fold predicted class.
 """
 
 from __future__ import annotations
@@ -76,6 +80,27 @@ def neighbour_distance(features: np.ndarray, bank: np.ndarray, leave_one_out: bo
     return index.kneighbors(unit_features(features))[0][:, -1]
 
 
+def class_neighbour_distance(features: np.ndarray, predicted: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray,
+                             own_labels: np.ndarray | None = None) -> np.ndarray:
+    """Cosine distance of each row of ``features`` to its :data:`NEIGHBOURS`-th nearest ``bank`` row of the class it is
+    ``predicted`` to be (all of ``bank`` for a class of fewer than 2 rows: one would be its own only neighbour).
+    ``own_labels``: ``features`` are ``bank`` itself, with these labels, and an image is not its own neighbour."""
+    predicted, bank_labels = np.asarray(predicted), np.asarray(bank_labels)
+    out = np.empty(len(predicted))
+    for c in np.unique(predicted):
+        rows, members = np.flatnonzero(predicted == c), bank_labels == c
+        whole = members.sum() < 2
+        if whole:
+            members = np.ones(len(bank), bool)
+        # the rows that are themselves among the class's bank rows skip one neighbour: themselves
+        inside = np.zeros(len(rows), bool) if own_labels is None else whole | (np.asarray(own_labels)[rows] == c)
+        for skip in (False, True):
+            if (inside == skip).any():
+                chosen = rows[inside == skip]
+                out[chosen] = neighbour_distance(features[chosen], bank[members], leave_one_out=skip)
+    return out
+
+
 def _parts(probs: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The score's two parts: 1 - max p, and the distance."""
     return 1.0 - np.asarray(probs).max(1), np.asarray(distances)
@@ -95,11 +120,14 @@ def combined(parts, spread: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class UnknownScorer:
     bank: np.ndarray  # (training images, channels) unit-length pooled features, float16
+    bank_labels: np.ndarray  # (training images,) the class of each bank row
     spread: np.ndarray  # [[median, scale] of 1 - max p, [median, scale] of the distance] (tail_scale)
     reference: np.ndarray  # the held-out known images' scores
 
     def score(self, probs: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return combined(_parts(probs, neighbour_distance(features, self.bank)), self.spread)
+        """Images' scores from their calibrated probabilities and pooled features."""
+        distances = class_neighbour_distance(features, np.asarray(probs).argmax(1), self.bank, self.bank_labels)
+        return combined(_parts(probs, distances), self.spread)
 
     def threshold(self, fraction: float) -> float:
         """The score above which ``fraction`` of the held-out known images lie."""
@@ -111,33 +139,36 @@ class UnknownScorer:
         return buffer.getvalue()
 
 
-def fit_scorer(bank_features: np.ndarray, held_probs, held_distances) -> UnknownScorer:
-    """From the training images' pooled features, and the held-out known images' calibrated probabilities and
-    distances (measured without them: see the module docstring)."""
+def fit_scorer(bank_features: np.ndarray, bank_labels: np.ndarray, held_probs, held_distances) -> UnknownScorer:
+    """From the training images' pooled features and classes, and the held-out known images' calibrated
+    probabilities and distances (measured without them: see the module docstring)."""
     parts = _parts(held_probs, held_distances)
     spread = np.array([tail_scale(p) for p in parts])
-    return UnknownScorer(unit_features(bank_features).astype(np.float16), spread, combined(parts, spread))
+    return UnknownScorer(unit_features(bank_features).astype(np.float16), np.asarray(bank_labels, np.int32), spread,
+                         combined(parts, spread))
 
 
 def run_scorer(model, splits, size: int, crop_fraction: float, held_probs: np.ndarray, evaluated=None) -> UnknownScorer:
     """A finished run's scorer. ``held_probs`` are its calibrated validation (or out-of-fold) probabilities;
     ``evaluated`` a cross-validated run's :class:`toolkit.cross_validate.OutOfFold` (features already pooled)."""
+    predicted = np.asarray(held_probs).argmax(1)
     if evaluated is not None:
-        features = np.asarray(evaluated.features)
+        features, labels = np.asarray(evaluated.features), np.asarray(evaluated.labels)
         inside = np.zeros(len(features), bool)
         inside[bank_rows(len(features))] = True
         bank = unit_features(features[inside]).astype(np.float16)  # as stored: the reference sees what predict sees
         distances = np.empty(len(features))
-        distances[inside] = neighbour_distance(features[inside], bank, leave_one_out=True)
+        distances[inside] = class_neighbour_distance(features[inside], predicted[inside], bank, labels[inside],
+                                                     own_labels=labels[inside])
         if not inside.all():
-            distances[~inside] = neighbour_distance(features[~inside], bank)
-    else:
-        train = splits.train.take(bank_rows(len(splits.train)))
-        bank = unit_features(centre_features(model, (train.decode_paths, train.is_jpeg), size, crop_fraction))
-        bank = bank.astype(np.float16)
-        val = centre_features(model, (splits.val.decode_paths, splits.val.is_jpeg), size, crop_fraction)
-        distances = neighbour_distance(val, bank)
-    return fit_scorer(bank, held_probs, distances)
+            distances[~inside] = class_neighbour_distance(features[~inside], predicted[~inside], bank, labels[inside])
+        return fit_scorer(bank, labels[inside], held_probs, distances)
+    train = splits.train.take(bank_rows(len(splits.train)))
+    bank = unit_features(centre_features(model, (train.decode_paths, train.is_jpeg), size, crop_fraction))
+    bank = bank.astype(np.float16)
+    val = centre_features(model, (splits.val.decode_paths, splits.val.is_jpeg), size, crop_fraction)
+    distances = class_neighbour_distance(val, predicted, bank, np.asarray(train.labels))
+    return fit_scorer(bank, train.labels, held_probs, distances)
 
 
 def bank_rows(n: int, seed: int = 0) -> np.ndarray:
