@@ -17,10 +17,11 @@ known classes' training images. Two settings: clothing-small with 2 of its 10 cl
 held out of training, tested on its test images; hymenoptera (train/) with clothing-small's test photos as
 the unknowns, tested on val/. Candidates: 1 − max probability, entropy, Mahalanobis distance to the
 nearest class mean (shared Ledoit-Wolf covariance), relative Mahalanobis (minus the distance to the
-global mean), cosine distance to the 1st and 5th nearest training image, sums of two scores each
+global mean), cosine distance to the 1st and 5th nearest training image, to the 5th nearest training image of
+the predicted class (class knn5), energy (minus the log-sum-exp of the heads' logits), sums of two scores each
 normalised by the median and IQR of its out-of-fold values, and `max(a, b)`: the larger of two scores each
 normalised by its out-of-fold median and median-to-95th-percentile distance (`predict --unknown` ships
-`max(1 - max prob, knn5)`, computed here with `toolkit.unknown`'s own functions). For each: AUROC (known vs unknown test
+`max(1 - max prob, class knn5)`, computed here with `toolkit.unknown`'s own functions). For each: AUROC (known vs unknown test
 images), and with the threshold at the 95th percentile of its out-of-fold values (the `auto` rule:
 5 % of known images rejected) the rejection rate of known test images, of unknown ones, and the accuracy
 on the accepted known images. Out-of-fold: probabilities from the heads that never saw the image,
