@@ -1,7 +1,7 @@
 """Deployment, measured: every export format on clothing-small's test images, and candidate scores for
 telling images of unknown classes apart, side by side in one run.
 
-    python benchmarks/deploy.py [--run RUN] [--only formats|unknown|unknown-e2e] [--pairs N] [--json]
+    python benchmarks/deploy.py [--run RUN] [--only formats|unknown|unknown-e2e] [--pairs N] [--backbone NAME] [--json]
 
 **Formats.**
 Trains (or takes ``--run``) `toolkit finetune --data clothing-small --freeze all` (mobilenet_v2, 224 px,
@@ -86,14 +86,18 @@ def runner(fmt: str, target: Path):
     return run
 
 
-def pooled_views(split) -> np.ndarray:
-    """(2, images, 1280): mobilenet_v2 pooled features of each centre crop and of its mirror image, at 224 px
-    (what `toolkit audit` computes)."""
+def pooled_views(split, backbone_name: str | None = None) -> np.ndarray:
+    """(2, images, channels): pooled features of each centre crop and of its mirror image (what `toolkit audit`
+    computes), of the default backbone (mobilenet_v2 at 224 px) or ``backbone_name`` at its own size."""
+    import dataclasses
+
     from toolkit import backbones
     from toolkit.audit_data import centre_and_mirror_features
     from toolkit.config import FinetuneConfig
 
     config = FinetuneConfig()
+    if backbone_name:
+        config = dataclasses.replace(config, backbone=backbone_name)
     backbone = backbones.create(config.backbone, input_shape=(None, None, 3))
     return centre_and_mirror_features(backbone, split, config, 0).reshape(2, len(split), -1)
 
@@ -223,13 +227,13 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     return rows
 
 
-def unknown_scores(pairs: int = 1) -> list[dict]:
+def unknown_scores(pairs: int = 1, backbone: str | None = None) -> list[dict]:
     """Both settings; with ``pairs`` > 1, clothing-small once per held-out pair (drawn with seeds 0, 1, ...) and
     a summary over the pairs."""
     from toolkit.datasets import load_splits
 
     clothing, hymenoptera = load_splits(SHARED / "clothing-small"), load_splits(SHARED / "hymenoptera")
-    c_train, c_test = pooled_views(clothing.train), pooled_views(clothing.test)
+    c_train, c_test = pooled_views(clothing.train, backbone), pooled_views(clothing.test, backbone)
     y_train, y_test = np.array(clothing.train.labels), np.array(clothing.test.labels)
     rows, drawn = [], []
     for seed in range(1000):
@@ -245,8 +249,8 @@ def unknown_scores(pairs: int = 1) -> list[dict]:
                                 c_test[:, ~known], int(keep.sum()))
         if len(drawn) == pairs:
             break
-    rows += unknown_setting("hymenoptera, clothing-small photos as unknowns", pooled_views(hymenoptera.train),
-                            np.array(hymenoptera.train.labels), pooled_views(hymenoptera.val),
+    rows += unknown_setting("hymenoptera, clothing-small photos as unknowns", pooled_views(hymenoptera.train, backbone),
+                            np.array(hymenoptera.train.labels), pooled_views(hymenoptera.val, backbone),
                             np.array(hymenoptera.val.labels), c_test, 2)
     print("\n| setting | score | AUROC | known rejected at auto | unknown rejected at auto | accepted accuracy "
           "(all known) |")
@@ -314,6 +318,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("formats", "unknown", "unknown-e2e"), default=None)
     parser.add_argument("--pairs", type=int, default=1, help="--only unknown: held-out class pairs of clothing-small "
                         "(default 1: the pair drawn with seed 0)")
+    parser.add_argument("--backbone", default=None, help="--only unknown: the features' backbone (default: the "
+                        "toolkit's default, mobilenet_v2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -322,7 +328,7 @@ def main() -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)  # the SavedModel's latency on one thread too
     if args.only in (None, "unknown"):
-        rows = unknown_scores(args.pairs)
+        rows = unknown_scores(args.pairs, args.backbone)
         if args.json:
             print(json.dumps(rows, indent=1))
     if args.only in (None, "unknown-e2e"):
