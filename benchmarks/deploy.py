@@ -193,10 +193,10 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     reference["energy"] = out_of_fold(energy(views)[:, :, None], held)[:, 0]
     s_known["energy"], s_unknown["energy"] = energy(known_views).mean(1), energy(unknown_views).mean(1)
     oof_predicted = out_of_fold(per_head, held).argmax(1)
-    reference["class knn5"] = class_neighbour_distance(bank, oof_predicted, scorer.unit.astype(np.float32), y_train,
+    reference["class knn5"] = class_neighbour_distance(bank, oof_predicted, scorer.unit, y_train,
                                                        own_labels=y_train)
     for scores, p, v in ((s_known, p_known, known_views), (s_unknown, p_unknown, unknown_views)):
-        scores["class knn5"] = class_neighbour_distance(v.mean(0), p.argmax(1), scorer.unit.astype(np.float32), y_train)
+        scores["class knn5"] = class_neighbour_distance(v.mean(0), p.argmax(1), scorer.unit, y_train)
 
     def normalised(scores, key):
         q1, median, q3 = np.percentile(reference[key], [25, 50, 75])
