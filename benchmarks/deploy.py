@@ -3,6 +3,9 @@ telling images of unknown classes apart, side by side in one run.
 
     python benchmarks/deploy.py [--run RUN] [--only formats|unknown|unknown-e2e] [--pairs N] [--backbone NAME] [--json]
 
+``--backbone NAME`` (default: the toolkit's default, mobilenet_v2 at 224 px) applies to every part: the runs
+trained (`toolkit finetune --backbone NAME`, at the backbone's own size) and the features scored.
+
 **Formats.**
 Trains (or takes ``--run``) `toolkit finetune --data clothing-small --freeze all` (mobilenet_v2, 224 px,
 the data's validation/ split), exports it in every format with `toolkit export`, and runs each file in its
@@ -21,11 +24,12 @@ global mean), cosine distance to the 1st and 5th nearest training image, to the 
 the predicted class (class knn5), energy (minus the log-sum-exp of the heads' logits), sums of two scores each
 normalised by the median and IQR of its out-of-fold values, and `max(a, b)`: the larger of two scores each
 normalised by its out-of-fold median and median-to-95th-percentile distance (`predict --unknown` ships
-`max(1 - max prob, class knn5)`, computed here with `toolkit.unknown`'s own functions). For each: AUROC (known vs unknown test
-images), and with the threshold at the 95th percentile of its out-of-fold values (the `auto` rule:
-5 % of known images rejected) the rejection rate of known test images, of unknown ones, and the accuracy
-on the accepted known images. Out-of-fold: probabilities from the heads that never saw the image,
-feature statistics fitted without the image's fold, neighbours other than the image itself. With
+`max(1 - max prob, class knn5)`, computed here with `toolkit.unknown`'s own functions). For each: AUROC (known
+vs unknown test images, with its 95 % bootstrap interval: `toolkit.uncertainty.auroc_interval`), and with the
+threshold at the 95th percentile of its out-of-fold values (the `auto` rule: 5 % of known images rejected)
+the rejection rate of known test images, of unknown ones, and the accuracy on the accepted known images.
+Out-of-fold: probabilities from the heads that never saw the image, feature statistics fitted without the
+image's fold, neighbours other than the image itself. With
 ``--pairs N`` the clothing-small setting is repeated for the first N distinct held-out pairs (seeds 0, 1, ...),
 and a summary over the pairs is printed.
 """
@@ -152,11 +156,10 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     """Every candidate score in one setting, from :func:`pooled_views` of the training, known and unknown test images."""
     import keras
     from scipy.special import logsumexp
-    from sklearn.metrics import roc_auc_score
-
     from toolkit.fold_heads import FoldSettings, fit_fold_heads, per_head_probabilities
     from toolkit.folds import assign_folds, held_out, out_of_fold
     from toolkit.head import FoldHeads
+    from toolkit.uncertainty import auroc, auroc_interval
     from toolkit.unknown import class_neighbour_distance, combined, tail_scale
 
     table = assign_folds(y_train, 5, 0, 3)
@@ -217,8 +220,8 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     for key in s_known:
         threshold = np.percentile(reference[key], 95)
         accepted = s_known[key] <= threshold
-        truth = np.r_[np.zeros(len(s_known[key])), np.ones(len(s_unknown[key]))]
-        rows.append({"setting": name, "score": key, "auroc": float(roc_auc_score(truth, np.r_[s_known[key], s_unknown[key]])),
+        rows.append({"setting": name, "score": key, "auroc": float(auroc(s_known[key], s_unknown[key])),
+                     "auroc_ci95": auroc_interval(s_known[key], s_unknown[key]),
                      "known_rejected": float(1 - accepted.mean()),
                      "unknown_rejected": float((s_unknown[key] > threshold).mean()),
                      "accepted_accuracy": float((p_known.argmax(1)[accepted] == y_known[accepted]).mean()),
@@ -252,11 +255,11 @@ def unknown_scores(pairs: int = 1, backbone: str | None = None) -> list[dict]:
     rows += unknown_setting("hymenoptera, clothing-small photos as unknowns", pooled_views(hymenoptera.train, backbone),
                             np.array(hymenoptera.train.labels), pooled_views(hymenoptera.val, backbone),
                             np.array(hymenoptera.val.labels), c_test, 2)
-    print("\n| setting | score | AUROC | known rejected at auto | unknown rejected at auto | accepted accuracy "
+    print("\n| setting | score | AUROC (95% CI) | known rejected at auto | unknown rejected at auto | accepted accuracy "
           "(all known) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} ({r['known']} known, {r['unknown']} unknown) | {r['score']} | {r['auroc']:.3f} | "
+        print(f"| {r['setting']} ({r['known']} known, {r['unknown']} unknown) | {r['score']} | {with_interval(r)} | "
               f"{r['known_rejected']:.3f} | {r['unknown_rejected']:.3f} | {r['accepted_accuracy']:.4f} "
               f"({r['accuracy']:.4f}) |")
     if pairs > 1:
@@ -273,12 +276,13 @@ def unknown_scores(pairs: int = 1, backbone: str | None = None) -> list[dict]:
     return rows
 
 
-def unknown_end_to_end() -> None:
+def unknown_end_to_end(backbone: str | None = None) -> None:
     """The shipped `predict --unknown auto`, end to end: runs trained by `toolkit finetune --freeze all` on
     clothing-small without shoes and shorts (its validation/ split, linked into a temporary folder) and on
     hymenoptera; predicted on clothing's test/ and on hymenoptera's val/ plus clothing's test photos."""
     import pandas as pd
-    from sklearn.metrics import roc_auc_score
+
+    from toolkit.uncertainty import auroc, auroc_interval
 
     clothing, hymenoptera, held = SHARED / "clothing-small", SHARED / "hymenoptera", ("shoes", "shorts")
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,23 +293,36 @@ def unknown_end_to_end() -> None:
                     (data / split / folder.name).mkdir(parents=True)
                     for f in folder.iterdir():
                         (data / split / folder.name / f.name).symlink_to(f)
-        print("\n| setting (shipped `predict --unknown auto`) | AUROC | known rejected | unknown rejected | accepted "
+        print("\n| setting (shipped `predict --unknown auto`) | AUROC (95% CI) | known rejected | unknown rejected | accepted "
               "accuracy (all known) |\n|---|---|---|---|---|")
         for name, train, images, is_unknown in (
                 (f"clothing-small, {', '.join(held)} held out", data, [clothing / "test"], lambda p: p.split("/")[-2] in held),
                 ("hymenoptera, clothing-small test photos as unknowns", hymenoptera, [hymenoptera / "val", clothing / "test"],
                  lambda p: str(clothing) in p)):
             run, out = Path(tmp) / f"run-{len(name)}", Path(tmp) / f"p-{len(name)}.csv"
-            toolkit("finetune", "--data", str(train), "--freeze", "all", "--out", str(run))
+            toolkit("finetune", "--data", str(train), "--freeze", "all", "--out", str(run), *backbone_flag(backbone))
             toolkit("predict", "--model", str(run), "--images", *map(str, images), "--unknown", "auto", "--out", str(out))
             frame = pd.read_csv(out)
             unknown = frame["path"].map(is_unknown).to_numpy()
             truth = frame["path"].str.split("/").str[-2].to_numpy()
             rejected = (frame["label"] == "unknown").to_numpy()
             kept = ~unknown & ~rejected
-            print(f"| {name} | {roc_auc_score(unknown, frame['unknown_score']):.3f} | {rejected[~unknown].mean():.3f} | "
+            scores = frame["unknown_score"].to_numpy()
+            measured = {"auroc": auroc(scores[~unknown], scores[unknown]),
+                        "auroc_ci95": auroc_interval(scores[~unknown], scores[unknown])}
+            print(f"| {name} | {with_interval(measured)} | {rejected[~unknown].mean():.3f} | "
                   f"{rejected[unknown].mean():.3f} | {(frame['label'].to_numpy()[kept] == truth[kept]).mean():.4f} "
                   f"({(frame['top1_label'].to_numpy()[~unknown] == truth[~unknown]).mean():.4f}) |", flush=True)
+
+
+def with_interval(row: dict) -> str:
+    """``0.879 (0.84–0.91)``: an AUROC with its 95 % bootstrap interval (``toolkit.uncertainty.auroc_interval``)."""
+    low, high = row["auroc_ci95"]
+    return f"{row['auroc']:.3f} ({low:.2f}–{high:.2f})"
+
+
+def backbone_flag(backbone: str | None) -> tuple[str, ...]:
+    return ("--backbone", backbone) if backbone else ()
 
 
 def size_of(path: Path) -> int:
@@ -318,8 +335,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("formats", "unknown", "unknown-e2e"), default=None)
     parser.add_argument("--pairs", type=int, default=1, help="--only unknown: held-out class pairs of clothing-small "
                         "(default 1: the pair drawn with seed 0)")
-    parser.add_argument("--backbone", default=None, help="--only unknown: the features' backbone (default: the "
-                        "toolkit's default, mobilenet_v2)")
+    parser.add_argument("--backbone", default=None, help="the backbone of the runs trained and of the features "
+                        "scored (default: the toolkit's default, mobilenet_v2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -332,7 +349,7 @@ def main() -> None:
         if args.json:
             print(json.dumps(rows, indent=1))
     if args.only in (None, "unknown-e2e"):
-        unknown_end_to_end()
+        unknown_end_to_end(args.backbone)
     if args.only in (None, "formats"):
         formats(args)
 
@@ -348,7 +365,8 @@ def formats(args) -> None:
         run = Path(args.run) if args.run else Path(tmp) / "run"
         if not args.run:
             start = time.perf_counter()
-            toolkit("finetune", "--data", str(SHARED / "clothing-small"), "--freeze", "all", "--out", str(run))
+            toolkit("finetune", "--data", str(SHARED / "clothing-small"), "--freeze", "all", "--out", str(run),
+                    *backbone_flag(args.backbone))
             print(f"trained in {time.perf_counter() - start:.0f} s")
         member = load_member(run)
         test = load_splits(SHARED / "clothing-small").test
