@@ -359,7 +359,7 @@ def formats(args) -> None:
     from toolkit.inference import load_member
     from toolkit.pipeline import eval_image
     from toolkit.datasets import load_splits
-    from toolkit.uncertainty import accuracy_interval
+    from toolkit.uncertainty import accuracy_interval, difference_interval
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else Path(tmp) / "run"
@@ -377,6 +377,7 @@ def formats(args) -> None:
         from toolkit.calibration import apply_temperature
 
         keras_probs = apply_temperature(keras_probs, member.temperature)
+        keras_correct = keras_probs.argmax(1) == labels
         rows = []
         for fmt in FORMATS:
             out = Path(tmp) / fmt
@@ -393,16 +394,19 @@ def formats(args) -> None:
             correct = probs.argmax(1) == labels
             low, high = accuracy_interval(int(correct.sum()), len(labels))
             rows.append({"format": fmt, "accuracy": float(correct.mean()), "ci95": [low, high],
+                         "below_keras": float(keras_correct.mean() - correct.mean()),
+                         "below_keras_ci95": difference_interval(keras_correct, correct),
                          "agreement": float((probs.argmax(1) == keras_probs.argmax(1)).mean()),
                          "max_diff": float(np.abs(probs - keras_probs).max()), "bytes": size_of(target),
                          "ms": float(np.median(times[1:]) * 1000)})
-        keras_correct = keras_probs.argmax(1) == labels
         print(f"\nKeras model: accuracy {keras_correct.mean():.4f} on {len(labels)} test images\n")
-        print("| format | accuracy (95% CI) | top-1 agreement with Keras | max prob. difference | size (MB) | "
-              "ms per image (1 thread) |")
-        print("|---|---|---|---|---|---|")
+        print("| format | accuracy (95% CI) | points below Keras (paired 95% CI) | top-1 agreement with Keras | "
+              "max prob. difference | size (MB) | ms per image (1 thread) |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['format']} | {r['accuracy']:.4f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}) | {r['agreement']:.4f} | "
+            below = " to ".join(f"{100 * v:.1f}" for v in r["below_keras_ci95"])
+            print(f"| {r['format']} | {r['accuracy']:.4f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}) | "
+                  f"{100 * r['below_keras']:.1f} ({below}) | {r['agreement']:.4f} | "
                   f"{r['max_diff']:.2g} | {r['bytes'] / 1e6:.1f} | {r['ms']:.1f} |")
         if args.json:
             print(json.dumps(rows, indent=1))

@@ -252,6 +252,9 @@ def test_quantized_exports_measure_themselves(runs_trained, sample_data, tmp_pat
     x = np.stack([eval_image(tf.io.read_file(p), j, 96).numpy() for p, j in zip(split.decode_paths, split.is_jpeg)])
     probs = _run_exported("tflite", target, x)
     assert report[f"{kind}_accuracy"] == pytest.approx((probs.argmax(1) == np.asarray(split.labels)).mean())
+    low, high = report["accuracy_drop_ci95"]  # the drop's paired interval: the same images under both models
+    assert report["accuracy_drop"] == pytest.approx(report["float_accuracy"] - report[f"{kind}_accuracy"])
+    assert low <= report["accuracy_drop"] <= high and high - low <= 0.5
     if kind == "fp16":  # float16 weights barely move the probabilities
         assert report["top1_agreement"] >= 0.98 and report["max_probability_difference"] < 0.05
     else:  # the kept calibration draw is the one closest to the float model on the check images

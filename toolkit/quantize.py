@@ -8,7 +8,8 @@ the file is used exactly like the float one. fp16 stores the weights as float16.
 
 After converting, both the float and the quantized model run in the TFLite interpreter on the run's
 validation images (or on ``--data``'s evaluation split) and ``export.json`` records their accuracy (with
-intervals), their top-1 agreement, both file sizes and single-thread latency per image.
+intervals), the drop from float to quantized with its paired interval, their top-1 agreement, both file sizes
+and single-thread latency per image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.uncertainty import accuracy_interval
+from toolkit.uncertainty import accuracy_interval, difference_interval
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +137,11 @@ def measure(float_bytes: bytes, quantized_bytes: bytes, kind: str, images: np.nd
     out = {"format": f"tflite-{kind}", "measured_on": measured_on, "images": int(len(labels))}
     if calibration:
         out["calibration"] = calibration
+    correct = {}
     for name, probs in (("float", float_probs), (kind, quant_probs)):
-        correct = probs.argmax(1) == labels
-        out[f"{name}_accuracy"] = float(correct.mean())
-        out[f"{name}_accuracy_ci95"] = list(accuracy_interval(int(correct.sum()), len(labels)))
+        correct[name] = probs.argmax(1) == labels
+        out[f"{name}_accuracy"] = float(correct[name].mean())
+        out[f"{name}_accuracy_ci95"] = list(accuracy_interval(int(correct[name].sum()), len(labels)))
     out["top1_agreement"] = float((float_probs.argmax(1) == quant_probs.argmax(1)).mean())
     out["max_probability_difference"] = float(np.abs(float_probs - quant_probs).max())
     out["float_bytes"], out[f"{kind}_bytes"] = len(float_bytes), len(quantized_bytes)
@@ -148,13 +150,16 @@ def measure(float_bytes: bytes, quantized_bytes: bytes, kind: str, images: np.nd
     out[f"{kind}_latency_ms"] = latency_ms(quantized_bytes, images)
     drop = out["float_accuracy"] - out[f"{kind}_accuracy"]
     out["accuracy_drop"] = drop
+    out["accuracy_drop_ci95"] = list(difference_interval(correct["float"], correct[kind]))  # paired: the same images
+    low, high = (100 * v for v in out["accuracy_drop_ci95"])
     if drop > MAX_DROP:
-        logger.warning("export: %s accuracy %.4f is %.1f points below the float model's %.4f on %d images (%s); check "
-                       "it on your own images before deploying it", kind, out[f"{kind}_accuracy"], 100 * drop,
-                       out["float_accuracy"], len(labels), measured_on)
-    logger.info("export: %s %.4f vs float %.4f accuracy, top-1 agreement %.4f, %.2fx the size, %.1f vs %.1f ms per "
-                "image (1 thread), on %d images", kind, out[f"{kind}_accuracy"], out["float_accuracy"],
-                out["top1_agreement"], out["size_ratio"], out[f"{kind}_latency_ms"], out["float_latency_ms"], len(labels))
+        logger.warning("export: %s accuracy %.4f is %.1f points (95%% CI %.1f to %.1f) below the float model's %.4f on "
+                       "%d images (%s); check it on your own images before deploying it", kind,
+                       out[f"{kind}_accuracy"], 100 * drop, low, high, out["float_accuracy"], len(labels), measured_on)
+    logger.info("export: %s %.4f vs float %.4f accuracy (%.1f points lower, 95%% CI %.1f to %.1f), top-1 agreement "
+                "%.4f, %.2fx the size, %.1f vs %.1f ms per image (1 thread), on %d images", kind,
+                out[f"{kind}_accuracy"], out["float_accuracy"], 100 * drop, low, high, out["top1_agreement"],
+                out["size_ratio"], out[f"{kind}_latency_ms"], out["float_latency_ms"], len(labels))
     return out
 
 
