@@ -100,7 +100,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         r = json.loads(report.read_text())
         kind = args.format.split("-", 1)[1]
-        print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f}, top-1 agreement "
+        low, high = (100 * v for v in r["accuracy_drop_ci95"])
+        print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f} "
+              f"({100 * r['accuracy_drop']:.1f} points lower, 95% CI {low:.1f} to {high:.1f}), top-1 agreement "
               f"{r['top1_agreement']:.4f} on {r['images']} images ({r['measured_on']}); {r['size_ratio']:.2f}x the float "
               f"file, {r[kind + '_latency_ms']:.1f} vs {r['float_latency_ms']:.1f} ms per image on 1 thread")
     return 0
