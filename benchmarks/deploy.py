@@ -316,9 +316,10 @@ def unknown_end_to_end(backbone: str | None = None) -> None:
 
 
 def with_interval(row: dict) -> str:
-    """``0.879 (0.84–0.91)``: an AUROC with its 95 % bootstrap interval (``toolkit.uncertainty.auroc_interval``)."""
+    """``0.879 (0.84–0.92)``: an AUROC with its 95 % bootstrap interval (``toolkit.uncertainty.auroc_interval``), the
+    bounds rounded outwards to 0.01 (so that 0.998 does not read "(1.00–1.00)")."""
     low, high = row["auroc_ci95"]
-    return f"{row['auroc']:.3f} ({low:.2f}–{high:.2f})"
+    return f"{row['auroc']:.3f} ({np.floor(low * 100 + 1e-9) / 100:.2f}–{np.ceil(high * 100 - 1e-9) / 100:.2f})"
 
 
 def backbone_flag(backbone: str | None) -> tuple[str, ...]:
