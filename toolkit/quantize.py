@@ -80,7 +80,8 @@ def calibrated_int8(saved_model: Path, float_bytes: bytes, train, size: int, cro
     TFLite calibrates each activation's range on the minimum and maximum over the draw, so one unusual image
     widens a range and coarsens it for every other image. Measured on clothing-small's test set (README: Export):
     over 14 draws of 100 images the int8 accuracy moved between 0.852 and 0.874, the draws' KL on the check images
-    (no labels used) fell in two groups, and the low-KL group lost 1.4 points against 2.5 for the other. Returns the model and what was tried (for ``export.json``)."""
+    (no labels used) fell in two groups, and the low-KL group lost 1.4 points against 2.5 for the other. Returns
+    the model and what was tried (for ``export.json``)."""
     check_index, draws = calibration_draws(len(train), seed)
     check, _ = evaluation_images(train.take(check_index), size, crop_fraction)
     reference = run_tflite(float_bytes, check)

@@ -7,9 +7,9 @@ the small n and the accuracies near 1 that small-data runs give, where the textb
 
 An AUROC (how well a score tells two groups of images apart) is the Mann-Whitney U statistic over
 the pairs of one image from each group; its interval is scipy's percentile bootstrap, each group
-resampled on its own (:func:`auroc_interval`). The difference between two models' accuracies on the same images
-(float against int8) is paired: its interval resamples images, each with both models' answers
-(:func:`difference_interval`); only the images on which the two disagree move it.
+resampled on its own (:func:`auroc_interval`). The difference between two models' accuracies on the
+same images (float against int8) is paired: its interval resamples images, each with both models'
+answers (:func:`difference_interval`); only the images on which the two disagree move it.
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ def difference_interval(first_correct, second_correct, confidence: float = CONFI
     first, second = np.asarray(first_correct, float), np.asarray(second_correct, float)
     if len(first) < 2:
         return (-1.0, 1.0)
-    if np.array_equal(first, second):  # no image moves: every resample gives 0 (scipy's bootstrap refuses that)
-        return (0.0, 0.0)
     ci = bootstrap((first, second), _mean_difference, n_resamples=resamples, confidence_level=confidence,
                    method="percentile", vectorized=True, paired=True, rng=np.random.default_rng(seed),
                    batch=200).confidence_interval
