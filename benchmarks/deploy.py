@@ -259,7 +259,7 @@ def unknown_scores(pairs: int = 1, backbone: str | None = None) -> list[dict]:
           "(all known) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} ({r['known']} known, {r['unknown']} unknown) | {r['score']} | {with_interval(r)} | "
+        print(f"| {r['setting']} ({r['known']} known, {r['unknown']} unknown) | {r['score']} | {with_interval(r['auroc'], r['auroc_ci95'])} | "
               f"{r['known_rejected']:.3f} | {r['unknown_rejected']:.3f} | {r['accepted_accuracy']:.4f} "
               f"({r['accuracy']:.4f}) |")
     if pairs > 1:
@@ -308,18 +308,18 @@ def unknown_end_to_end(backbone: str | None = None) -> None:
             rejected = (frame["label"] == "unknown").to_numpy()
             kept = ~unknown & ~rejected
             scores = frame["unknown_score"].to_numpy()
-            measured = {"auroc": auroc(scores[~unknown], scores[unknown]),
-                        "auroc_ci95": auroc_interval(scores[~unknown], scores[unknown])}
-            print(f"| {name} | {with_interval(measured)} | {rejected[~unknown].mean():.3f} | "
+            known_part, unknown_part = scores[~unknown], scores[unknown]
+            shown = with_interval(auroc(known_part, unknown_part), auroc_interval(known_part, unknown_part))
+            print(f"| {name} | {shown} | {rejected[~unknown].mean():.3f} | "
                   f"{rejected[unknown].mean():.3f} | {(frame['label'].to_numpy()[kept] == truth[kept]).mean():.4f} "
                   f"({(frame['top1_label'].to_numpy()[~unknown] == truth[~unknown]).mean():.4f}) |", flush=True)
 
 
-def with_interval(row: dict) -> str:
+def with_interval(value: float, interval: tuple[float, float]) -> str:
     """``0.879 (0.84–0.92)``: an AUROC with its 95 % bootstrap interval (``toolkit.uncertainty.auroc_interval``), the
     bounds rounded outwards to 0.01 (so that 0.998 does not read "(1.00–1.00)")."""
-    low, high = row["auroc_ci95"]
-    return f"{row['auroc']:.3f} ({np.floor(low * 100 + 1e-9) / 100:.2f}–{np.ceil(high * 100 - 1e-9) / 100:.2f})"
+    low, high = interval
+    return f"{value:.3f} ({np.floor(low * 100 + 1e-9) / 100:.2f}–{np.ceil(high * 100 - 1e-9) / 100:.2f})"
 
 
 def backbone_flag(backbone: str | None) -> tuple[str, ...]:

@@ -47,14 +47,9 @@ def auroc_interval(negatives, positives, confidence: float = CONFIDENCE, resampl
                    seed: int = 0) -> tuple[float, float]:
     """(low, high) of the percentile-bootstrap interval of :func:`auroc`, negatives and positives resampled apart
     (the groups' sizes are fixed by the experiment, as the known and unknown test images are)."""
-    from scipy.stats import bootstrap
-
     if min(len(negatives), len(positives)) < 2:
         return (0.0, 1.0)
-    ci = bootstrap((np.asarray(negatives, float), np.asarray(positives, float)), auroc, n_resamples=resamples,
-                   confidence_level=confidence, method="percentile", vectorized=True, paired=False,
-                   rng=np.random.default_rng(seed), batch=200).confidence_interval
-    return (float(ci.low), float(ci.high))
+    return _percentile_bootstrap((negatives, positives), auroc, False, confidence, resamples, seed)
 
 
 def _mean_difference(first, second, axis: int = -1):
@@ -65,12 +60,18 @@ def difference_interval(first_correct, second_correct, confidence: float = CONFI
                         seed: int = 0) -> tuple[float, float]:
     """(low, high) of the paired percentile-bootstrap interval of accuracy(first) - accuracy(second), from each
     image's right (1) or wrong (0) under the two models."""
+    if len(first_correct) < 2:
+        return (-1.0, 1.0)
+    return _percentile_bootstrap((first_correct, second_correct), _mean_difference, True, confidence, resamples, seed)
+
+
+def _percentile_bootstrap(samples, statistic, paired: bool, confidence: float, resamples: int,
+                          seed: int) -> tuple[float, float]:
+    """scipy's percentile-bootstrap interval of a vectorised ``statistic`` of ``samples`` (resampled together
+    when ``paired``, each on its own otherwise), seeded, in batches of 200 resamples to bound the memory."""
     from scipy.stats import bootstrap
 
-    first, second = np.asarray(first_correct, float), np.asarray(second_correct, float)
-    if len(first) < 2:
-        return (-1.0, 1.0)
-    ci = bootstrap((first, second), _mean_difference, n_resamples=resamples, confidence_level=confidence,
-                   method="percentile", vectorized=True, paired=True, rng=np.random.default_rng(seed),
-                   batch=200).confidence_interval
+    ci = bootstrap(tuple(np.asarray(x, float) for x in samples), statistic, n_resamples=resamples,
+                   confidence_level=confidence, method="percentile", vectorized=True, paired=paired,
+                   rng=np.random.default_rng(seed), batch=200).confidence_interval
     return (float(ci.low), float(ci.high))
