@@ -357,7 +357,7 @@ def main() -> None:
 
 def formats(args) -> None:
     import tensorflow as tf
-    from toolkit.inference import load_member
+    from toolkit.members import load_member
     from toolkit.pipeline import eval_image
     from toolkit.datasets import load_splits
     from toolkit.uncertainty import accuracy_interval, difference_interval

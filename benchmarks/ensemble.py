@@ -34,7 +34,8 @@ def main() -> None:
     from toolkit.calibration import expected_calibration_error
     from toolkit.datasets import load_splits
     from toolkit.ensemble import finetune_ensemble
-    from toolkit.inference import load_models, predict_ensemble, predict_member
+    from toolkit.inference import predict_ensemble, predict_member
+    from toolkit.members import load_models
     from toolkit.recipes import build_config
 
     out = Path(tempfile.mkdtemp(prefix="bench-ensemble-")) / "ensemble"

@@ -40,7 +40,8 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from toolkit.inference import collect_images, load_member, predict_member
+    from toolkit.inference import collect_images, predict_member
+    from toolkit.members import load_member
     from toolkit.pipeline import eval_image
     from toolkit.verify import verify_files
 

@@ -61,3 +61,29 @@ def sample_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
     module.make_sample(out, per_class=24, size=128)
     return out
+
+
+TINY = ["--image-size", "64", "--head-epochs", "2", "--batch-size", "8", "--cache-features", "auto", "--freeze", "all"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run): a small real dataset and a finished holdout run trained on it, shared by the tests that only
+    read them (a test that changes the run works on ``run_copy``)."""
+    from tests.badinput import photo_tree
+    from toolkit.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    data = photo_tree(root / "data", 6)
+    assert main(["finetune", "--data", str(data), "--out", str(root / "run"), *TINY, "--seed", "3", "--cv", "off"]) == 0
+    return data, root / "run"
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path) -> Path:
+    """A copy of the trained run that a test may change."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained[1], copy)
+    return copy

@@ -14,7 +14,8 @@ import tensorflow as tf
 from PIL import Image
 
 from toolkit.calibration import apply_temperature, calibrate, expected_calibration_error, fit_temperature, nll
-from toolkit.inference import ModelMismatchError, load_models, predict_ensemble, predict_member, tta_views
+from toolkit.inference import predict_ensemble, predict_member, tta_views
+from toolkit.members import ModelMismatchError, load_models
 from toolkit.pipeline import eval_image, resize
 
 
@@ -175,7 +176,7 @@ def test_cam_peaks_on_the_object(runs_trained, tmp_path):
     from PIL import ImageDraw
 
     from toolkit.explain import class_activation_map, explain
-    from toolkit.inference import load_member
+    from toolkit.members import load_member
 
     member = load_member(runs_trained[0])
     hits = 0
@@ -217,7 +218,7 @@ def test_exported_models_give_what_predict_gives(runs_trained, sample_data, tmp_
     """The whole predictor travels: the exported file, on the centre crop, gives `predict`'s probabilities,
     the run's temperature included (stated tolerance: 1e-4 on probabilities)."""
     from toolkit.export import export
-    from toolkit.inference import load_member
+    from toolkit.members import load_member
 
     member = load_member(runs_trained[0])
     assert member.temperature != 1.0  # so the check covers the temperature

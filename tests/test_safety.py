@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from tests.badinput import photo_tree
-from toolkit import runs
+from tests.conftest import TINY
+from toolkit import outputs, runs
 from toolkit.cli import main
 
-TINY = ["--image-size", "64", "--head-epochs", "2", "--batch-size", "8", "--cache-features", "auto", "--freeze", "all"]
 
 
 def digest(path: Path) -> str:
@@ -44,23 +44,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     err = captured.err
     assert "Traceback" not in err and "Traceback" not in captured.out, err
     return code, err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(data, run): a small real dataset and a finished run trained on it."""
-    root = tmp_path_factory.mktemp("trained")
-    data = photo_tree(root / "data", 6)
-    code = main(["finetune", "--data", str(data), "--out", str(root / "run"), *TINY, "--seed", "3", "--cv", "off"])
-    assert code == 0
-    return data, root / "run"
-
-
-@pytest.fixture()
-def run_copy(trained, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained[1], copy)
-    return copy
 
 
 def unfinished(run: Path) -> Path:
@@ -111,7 +94,7 @@ def test_overwrite_replaces_only_what_toolkit_wrote(trained, run_copy, capsys, t
 
     out = tmp_path / "eval"
     assert run_cli(capsys, "evaluate", "--model", run_copy, "--data", data, "--out", out)[0] == 0
-    assert runs.marker_kind(out) == "evaluation"
+    assert outputs.marker_kind(out) == "evaluation"
     (out / "notes.txt").write_text("mine")  # a file of the user's inside a toolkit folder
     code, err = run_cli(capsys, "evaluate", "--model", run_copy, "--data", data, "--out", out, "--overwrite")
     assert code == 2 and "notes.txt" in err and (out / "notes.txt").is_file()
@@ -206,7 +189,7 @@ def test_splits_without_a_validation_image_per_class_are_refused_before_any_fold
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--val-fraction", "0"], "val_fraction must be in (0, 1)"),
-    (["--seed", "-1"], "seed must be an integer >= 0. Received: seed=-1"),
+    (["--seed", "-1"], "seed must be an integer in [0, 4294967295] (2**32 - 1). Received: seed=-1"),
     (["--head-lr", "inf"], "head_lr must be a finite number"),
     (["--head-lr", "nan"], "head_lr must be a finite number"),
 ])

@@ -133,7 +133,8 @@ def test_photos_of_other_things_are_labelled_unknown(runs_with_statistics, sampl
 def test_the_score_features_come_from_the_prediction_pass(runs_with_statistics, sample_data, mode):
     """predict --unknown takes the centre crop's features from the pass that predicts (one backbone pass): they
     match a separate centre-crop pass, and the probabilities match a plain prediction."""
-    from toolkit.inference import load_member, predict_member, predict_with_features
+    from toolkit.inference import predict_member, predict_with_features
+    from toolkit.members import load_member
     from toolkit.unknown import centre_features
 
     member = load_member(runs_with_statistics[0])

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
     for name in backbones or ():
         get_spec(name)  # an unknown name: one line with a did-you-mean, before any folder exists
     inputs = {"--data": [data]} | ({"--model": [model]} if model else {})
-    runs.check_apart(Path(out), inputs)
-    runs.check_replaceable(Path(out), overwrite)
+    outputs.check_output_dir(Path(out), overwrite, "audit", inputs)
     if model is not None:
         recipe = Path(model) / runs.RECIPE_FILE
         if not recipe.is_file():
@@ -66,7 +65,7 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
     from toolkit.audit import find_issues, write_audit
 
     findings = find_issues(audit)
-    with runs.output_dir(out, overwrite, "audit", inputs) as folder:
+    with outputs.output_dir(out, overwrite, "audit", inputs) as folder:
         return write_audit(folder, audit, findings)
 
 

@@ -137,6 +137,23 @@ def colour_augment(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig, pc
 # ----------------------------------------------------------------------------- PCA statistics
 
 
+def check_pca_statistics(values, path) -> dict:
+    """A run's ``pca.json``, checked: 3 finite eigenvalues >= 0 and a 3x3 finite eigenvector matrix."""
+    from toolkit.errors import UserError
+
+    try:
+        eigenvalues = np.asarray(values["eigenvalues"], dtype=np.float64)
+        eigenvectors = np.asarray(values["eigenvectors"], dtype=np.float64)
+        ok = (eigenvalues.shape == (3,) and eigenvectors.shape == (3, 3) and np.isfinite(eigenvalues).all()
+              and np.isfinite(eigenvectors).all() and (eigenvalues >= 0).all() and eigenvalues.max() <= 1)
+    except (TypeError, KeyError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} must hold 3 eigenvalues in [0, 1] and a 3x3 eigenvector matrix of the training "
+                        "images' RGB colours; delete it: the next --resume computes it again.")
+    return {"eigenvalues": eigenvalues.tolist(), "eigenvectors": eigenvectors.tolist()}
+
+
 def pca_statistics(paths: Sequence[str], sample_size: int = 200, pixels_per_image: int = 2000, seed: int = 0) -> dict:
     """Eigen-decomposition of the 3x3 RGB covariance over a sample of training images.
 

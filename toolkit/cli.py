@@ -166,15 +166,21 @@ def _cmd_data_service(args: argparse.Namespace) -> int:
     the bottleneck. Start one dispatcher and any number of workers (they must see the data at the same
     paths), then train with `toolkit finetune --data-service grpc://DISPATCHER:PORT`. Runs until
     interrupted."""
-    from toolkit import distribute
+    from toolkit import distribute, outputs
+    from toolkit.errors import UserError
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0-65535 (0: any free port). Received: port={args.port}")
+    if args.work_dir:
+        if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+            raise UserError(f"--work-dir {args.work_dir!r} is a file; the dispatcher keeps its journal in a folder. "
+                            "Choose a folder path.")
+        outputs.check_location(Path(args.work_dir) / "journal", "--work-dir")
     if args.role == "dispatcher":
         server = distribute.start_dispatcher(args.port, args.work_dir)
         print(f"tf.data service dispatcher: {server.target} (pass --data-service {server.target} to finetune)", flush=True)
     else:
         if not args.dispatcher:
-            from toolkit.errors import UserError
-
             raise UserError("a worker needs --dispatcher grpc://HOST:PORT. Received: dispatcher=None")
         server = distribute.start_worker(args.dispatcher, args.port, args.host)
         print(f"tf.data service worker serving {args.dispatcher}", flush=True)
@@ -203,8 +209,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     skipped (with the reason), warnings such as train/test leakage, and files handled automatically
     (EXIF rotation, CMYK, transparency, huge images); then the freeze plan --freeze auto would choose.
     Exit status 2 (after the report) when the data cannot train."""
+    from toolkit.config import MAX_SEED
     from toolkit.datasets import DatasetError, check_trainable, dataset_statistics, load_splits
+    from toolkit.errors import UserError
 
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1): both sides of the split need images. Received: "
+                        f"val_fraction={args.val_fraction}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, {MAX_SEED}]. Received: seed={args.seed}")
     splits = load_splits(args.data, args.val_fraction, args.seed, progress=True, min_classes=0)
     stats = dataset_statistics(splits)
     print(f"data: {splits.source}")

@@ -21,18 +21,33 @@ def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def _check_batch_size(args: argparse.Namespace) -> None:
+    from toolkit.config import MAX_BATCH_SIZE
+    from toolkit.errors import UserError
+
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}] (images times views per forward pass). "
+                        f"Received: batch_size={args.batch_size}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     """Predict the class of every image given (files, folders searched recursively, or CSVs with a path
     column) with one model or an ensemble, optionally with test-time augmentation. Writes a CSV: path,
     label, probability, top-k labels and probabilities (all class probabilities with --all-probs), and
     an error column for unreadable files, which get a row saying why."""
-    from toolkit import runs
-    from toolkit.inference import collect_images, load_models, predictions_frame
+    from toolkit import outputs, runs
+    from toolkit.inference import collect_images, predictions_frame
+    from toolkit.members import load_models
     from toolkit.unknown import member_scorer, parse_unknown, predict_scored
     from toolkit.verify import verify_files
 
+    _check_batch_size(args)
+    if args.top_k < 1:
+        from toolkit.errors import UserError
+
+        raise UserError(f"--top-k must be >= 1 (how many top classes each row lists). Received: top_k={args.top_k}")
     fraction = parse_unknown(args.unknown)
-    out = runs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
+    out = outputs.check_output_file(args.out, args.overwrite, {"--model": args.model, "--images": args.images})
     members = load_models(args.model, args.weights)
     checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
     records = verify_files(collect_images(args.images), progress=False)
@@ -60,6 +75,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     mistakes.png (the most confident mistakes) into --out."""
     from toolkit.evaluate import evaluate
 
+    _check_batch_size(args)
     m = evaluate(args.model, args.data, args.out, args.tta, args.weights, args.overwrite, args.batch_size,
                  verbose=0 if args.quiet else 1, unknown=args.unknown)
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""

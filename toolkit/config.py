@@ -19,6 +19,12 @@ CROP_MODES = ("random_resized", "resize_crop", "none")
 CLASS_WEIGHT_MODES = ("auto", "on", "off")
 CACHE_MODES = ("auto", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # see toolkit.distribute
+# Bounds of the numbers that size tensors: past them a run only exhausts memory (a 30000 px image is a 10 GB
+# batch) or stalls; the largest ImageNet backbones train at 600 px.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+MAX_BATCH_SIZE = 1024  # images per batch (per replica)
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1  # Keras' and NumPy's seeds
 
 
 class RecipeError(UserError):
@@ -130,16 +136,21 @@ class FinetuneConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise RecipeError(f"{f.name} must be a finite number. Received: {f.name}={value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise RecipeError(f"seed must be an integer >= 0. Received: seed={self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise RecipeError(f"seed must be an integer in [0, {MAX_SEED}] (2**32 - 1). Received: seed={self.seed!r}")
         for name in ("batch_size", "head_epochs", "cache_views", "cache_view_budget", "cv_repeats"):
             _positive_int(self, name)
         for name in ("finetune_epochs", "warmup_epochs", "early_stopping_patience", "bottleneck", "image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise RecipeError(f"{name} must be an integer >= 0. Received: {name}={value!r}")
-        if self.image_size and self.image_size < 32:
-            raise RecipeError(f"image_size must be 0 (backbone default) or >= 32. Received: image_size={self.image_size!r}")
+        check_image_size(self.image_size, "image_size", allow_zero=True)
+        for name, most in (("batch_size", MAX_BATCH_SIZE), ("head_epochs", MAX_EPOCHS), ("finetune_epochs", MAX_EPOCHS),
+                           ("warmup_epochs", MAX_EPOCHS), ("early_stopping_patience", MAX_EPOCHS),
+                           ("cache_views", 100), ("cv_repeats", 100), ("bottleneck", 65_536),
+                           ("cache_view_budget", 10_000_000)):
+            if getattr(self, name) > most:
+                raise RecipeError(f"{name} must be at most {most}. Received: {name}={getattr(self, name)!r}")
         for name in ("head_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise RecipeError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
@@ -181,6 +192,16 @@ class FinetuneConfig:
             self.augment.validate()
         except RecipeError as exc:
             raise RecipeError(f"[augment] {exc}") from None
+
+
+def check_image_size(value, name: str = "image_size", allow_zero: bool = False) -> None:
+    """An input size in pixels: [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] (or 0, the backbone's own, where allowed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and (
+            MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE or (allow_zero and value == 0)):
+        return
+    zero = "0 (the backbone's own) or " if allow_zero else ""
+    raise RecipeError(f"{name} must be {zero}an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels. "
+                      f"Received: {name}={value!r}")
 
 
 def _positive_int(config: FinetuneConfig, name: str) -> None:

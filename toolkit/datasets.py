@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -164,6 +165,7 @@ def load_splits(
         if not files and train_layout[c]:
             problems.append(Problem(c, "every image of this class is unusable; class ignored", "warning"))
     class_names = tuple(sorted(c for c, files in usable.items() if files))
+    problems += _case_twins(class_names, where.get("train", str(root)))
     skipped_files = [p.path for p in problems if p.severity == "skipped"]
     unusable = f"{len(skipped_files)} files were unusable{_examples(skipped_files)}"
     if not class_names and min_classes:
@@ -230,6 +232,16 @@ def check_trainable(splits: DatasetSplits) -> list[str]:
         return [f"only {', '.join(f'{n} {c}' for c, n in few.items())} training images (fewer than "
                 f"{FEW_TRAIN_IMAGES} per class): expect a weak, unstable classifier"]
     return []
+
+
+def _case_twins(class_names: Sequence[str], where: str) -> list[Problem]:
+    """Classes whose names differ only in case (``ants``, ``ANTS``): separate classes, which is rarely meant."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in class_names:
+        groups[name.casefold()].append(name)
+    return [Problem(where, f"classes {' and '.join(repr(n) for n in names)} differ only in upper/lower case; they are "
+                           "trained as separate classes. Merge their folders (or labels) if they are one class", "warning")
+            for names in groups.values() if len(names) > 1]
 
 
 def _duplicates(train: Split, val: Split, test: Split | None) -> list[Problem]:

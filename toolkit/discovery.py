@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from toolkit.errors import UserError
-from toolkit.runs import is_within
+from toolkit.outputs import is_within
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"})
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
@@ -21,11 +21,19 @@ class DatasetError(UserError):
     """The data cannot be used for training; the message says what to fix."""
 
 
+def printable(path: str) -> str:
+    """``path`` as text that can be printed and written anywhere: bytes that are not UTF-8 shown as ``\\xe9``."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    path: str
+    path: str  # printable (:func:`printable`): it goes into reports, JSON and the terminal
     reason: str
     severity: str  # "skipped" (file not used), "warning" (used, but look at it), "info" (handled)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", printable(self.path))
 
 
 def _is_hidden(path: Path) -> bool:
@@ -70,6 +78,10 @@ def _scan_class_tree(root: Path, problems: list[Problem]) -> dict[str, list[str]
             continue
         if not entry.is_dir():
             problems.append(Problem(str(entry), "not inside a class folder; ignored", "info"))
+            continue
+        if printable(entry.name) != entry.name:
+            problems.append(Problem(str(entry), "class folder name is not valid UTF-8; class ignored (rename the "
+                                                "folder, e.g. with convmv)", "warning"))
             continue
         if entry.is_symlink() and is_within(top, entry.resolve()):
             problems.append(Problem(str(entry), f"symbolic link to {entry.resolve()}, which holds the data folder "
@@ -159,12 +171,27 @@ def check_source(root: str | Path) -> None:
         )
 
 
+def _check_split_names(root: Path) -> None:
+    """Refuse a folder where a split name (train/, val/, test/...) stands beside other folders: it could be a split
+    or a class named like one, and guessing either way trains the wrong thing."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+    splits = [n for n in folders if n.lower() in {a for names in SPLIT_NAMES.values() for a in names}]
+    others = [n for n in folders if n not in splits]
+    if splits and others:
+        shown = ", ".join(f"{n}/" for n in others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise DatasetError(
+            f"--data {str(root)!r} holds {', '.join(f'{n}/' for n in splits)} beside {shown}: is "
+            f"{splits[0]}/ a split or a class? If a split, put every class folder inside the split folders; if a class, "
+            f"rename it (e.g. {splits[0]}_class/).")
+
+
 def discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, list[str]]], dict[str, str], str]:
     """({split: {class: paths}}, {split: where it comes from}, description of the source)."""
     check_source(root)
     if root.is_file():
         layout = _read_manifest(root, problems)
         return layout, {split: f"rows with split {split} in {root}" for split in layout}, f"CSV manifest {root}"
+    _check_split_names(root)
     train_dir = _find_child(root, SPLIT_NAMES["train"])
     if train_dir is None:
         return {"train": _scan_class_tree(root, problems)}, {"train": str(root)}, f"folder-per-class tree {root}"

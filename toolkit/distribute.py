@@ -208,6 +208,31 @@ def offload(dataset: tf.data.Dataset, address: str) -> tf.data.Dataset:
     return finish(dataset.apply(tf.data.experimental.service.distribute(DATA_SERVICE_MODE, service=address)))
 
 
+CONNECT_TIMEOUT_S = 10.0  # to reach a dispatcher before anything waits on it (TensorFlow itself retries forever)
+
+
+def check_reachable(address: str, flag: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a dispatcher ``grpc://host:port`` that accepts no connection within ``timeout`` seconds."""
+    import socket
+
+    from toolkit.errors import UserError
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError(port)
+    except ValueError:
+        raise UserError(f"{flag} must be grpc://HOST:PORT with a port in 1-65535. Received: {address!r}") from None
+    try:
+        with socket.create_connection((host.strip("[]") or "localhost", number), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {address}: no tf.data service dispatcher answers there ({exc.strerror or exc}, "
+                        f"waited {timeout:g} s). Start one with `toolkit data-service dispatcher --port {number}`, "
+                        "or check the host and port.") from None
+
+
 def start_dispatcher(port: int, work_dir: str = "") -> tf.data.experimental.service.DispatchServer:
     config = tf.data.experimental.service.DispatcherConfig(port=port, work_dir=work_dir or None,
                                                            fault_tolerant_mode=bool(work_dir))
@@ -217,6 +242,7 @@ def start_dispatcher(port: int, work_dir: str = "") -> tf.data.experimental.serv
 
 
 def start_worker(dispatcher: str, port: int, host: str = "localhost") -> tf.data.experimental.service.WorkerServer:
+    check_reachable(dispatcher, "--dispatcher")
     address = dispatcher.split("://", 1)[-1]
     config = tf.data.experimental.service.WorkerConfig(dispatcher_address=address, worker_address=f"{host}:%port%",
                                                        port=port)

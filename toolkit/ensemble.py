@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.config import FinetuneConfig
 from toolkit.datasets import load_splits
+from toolkit.ensemble_spec import EnsembleSpec, read_ensemble
 from toolkit.errors import UserError
 from toolkit.recipes import load_config
-from toolkit.run_state import FinetuneResult, create_run, load_checked_splits, prepare_config, read_state
+from toolkit.run_state import FinetuneResult, create_run, load_checked_splits, prepare_config, read_state, swap_in
 from toolkit.uncertainty import accuracy_interval
 
 logger = logging.getLogger(__name__)
@@ -36,12 +37,12 @@ def finetune_ensemble(
     """
     from toolkit.calibration import calibrate
     from toolkit.finetune import resume as resume_run
-    from toolkit.inference import load_models, predict_ensemble
+    from toolkit.inference import predict_ensemble
+    from toolkit.members import load_models
 
     if resume is not None:
-        folder = Path(resume)
-        spec = runs.read_json(folder / runs.ENSEMBLE_FILE, "It lists the ensemble's members: restore it, or start a new "
-                              "ensemble with --out.")
+        folder = Path(resume).resolve()
+        spec = read_ensemble(folder)
     else:
         if config is None:
             raise UserError("finetune_ensemble needs a config or resume=FOLDER")
@@ -52,22 +53,19 @@ def finetune_ensemble(
                             "train each member with its own `toolkit finetune --strategy multi-worker --out` instead")
         variants = _ensemble_variants(config, members)
         target = Path(out or runs.default_run_dir("ensemble"))
-        runs.check_apart(target, {"--data": [config.data]})
-        runs.check_replaceable(target, overwrite)
+        outputs.check_output_dir(target, overwrite, "ensemble", {"--data": [config.data]})
         load_checked_splits(config, progress=verbose > 0)  # the data can train, before any folder exists
-        folder = runs.prepare_run_dir(target, overwrite, "ensemble")
+        folder, replaces = outputs.prepare_run_dir(target, overwrite, "ensemble", {"--data": [config.data]})
         names = []
         for i, variant in enumerate(variants, start=1):
             name = f"{i}-{variant.backbone}-" + (f"fold{variant.fold.replace('/', 'of')}" if variant.fold
                                                   else f"seed{variant.seed}")
             create_run(variant, folder / name)
             names.append(name)
-        spec = {"members": names, "weights": [1.0] * len(names)}
-        if folder != target:
-            spec["replaces"] = str(target.resolve())
-        runs.write_json(folder / runs.ENSEMBLE_FILE, spec)
+        spec = EnsembleSpec(names, [1.0] * len(names), replaces)
+        runs.write_json(folder / runs.ENSEMBLE_FILE, spec.to_json())
     member_metrics = {}
-    for name in spec["members"]:
+    for name in spec.members:
         member_dir = folder / name
         if read_state(member_dir, resuming=False).finished:
             member_metrics[name] = runs.read_json(member_dir / runs.METRICS_FILE, "Train the member again: delete "
@@ -81,9 +79,9 @@ def finetune_ensemble(
                 shutil.rmtree(folder, ignore_errors=True)  # nothing trained yet: leave no folder behind
             raise
 
-    first = load_config(folder / spec["members"][0] / runs.RECIPE_FILE)
+    first = load_config(folder / spec.members[0] / runs.RECIPE_FILE)
     if first.fold:  # cross-validated members: each scores its own fold, never seen in its training
-        probs, labels, cv = _out_of_fold(folder, spec["members"], first)
+        probs, labels, cv = _out_of_fold(folder, spec.members, first)
     else:  # the ensemble on the validation split (members share data and seed of the split)
         splits = load_splits(first.data, first.val_fraction, first.seed)
         probs = predict_ensemble(load_models([folder]), splits.val.decode_paths, splits.val.is_jpeg)
@@ -99,9 +97,10 @@ def finetune_ensemble(
     if cv is not None:
         metrics["cv"] = cv
     runs.write_json(folder / runs.METRICS_FILE, metrics)
-    if spec.get("replaces"):
-        staged, folder = folder, Path(spec["replaces"])
-        runs.replace_dir(staged, folder)
+    if spec.replaces is not None:
+        swap_in(folder, spec.replaces, "ensemble")
+        folder = folder.with_name(spec.replaces.name)
+        runs.write_json(folder / runs.ENSEMBLE_FILE, dataclasses.replace(spec, replaces=None).to_json())
     logger.info("ensemble: validation accuracy %.4f (members: %s); written to %s", metrics["val_accuracy"],
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics["members"].items()), folder)
     return FinetuneResult(folder, metrics, members=metrics["members"])
@@ -112,7 +111,8 @@ def _out_of_fold(folder: Path, members: list[str], first: FinetuneConfig) -> tup
     from toolkit.cross_validate import OutOfFold
     from toolkit.evaluate import classification_metrics
     from toolkit.folds import assign_folds, held_out
-    from toolkit.inference import load_models, predict_ensemble
+    from toolkit.inference import predict_ensemble
+    from toolkit.members import load_models
 
     splits = load_splits(first.data, first.val_fraction, first.seed)
     pooled = splits.train + splits.val

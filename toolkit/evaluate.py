@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.calibration import expected_calibration_error, nll
 from toolkit.uncertainty import accuracy_interval
 
@@ -74,13 +74,12 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
              overwrite: bool = False, batch_size: int = 32, verbose: int = 1, unknown: str = "off") -> dict[str, Any]:
     from toolkit.errors import UserError
     from toolkit.figures import mistakes_png
-    from toolkit.inference import load_models
+    from toolkit.members import load_models
     from toolkit.unknown import member_scorer, parse_unknown, predict_scored
 
     fraction = parse_unknown(unknown)
     inputs = {"--model": list(models), "--data": [data]}
-    runs.check_apart(out, inputs)
-    runs.check_replaceable(out, overwrite)  # before the work: a refusal costs nothing
+    outputs.check_output_dir(out, overwrite, "evaluation", inputs)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
     checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
     class_names = members[0].class_names
@@ -111,7 +110,7 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
         }
     metrics.update({"split": which, "tta": tta, "models": [str(m.path) for m in members],
                     "skipped_files": [dataclasses.asdict(p) for p in splits.skipped()]})
-    with runs.output_dir(out, overwrite, "evaluation", inputs) as stage:
+    with outputs.output_dir(out, overwrite, "evaluation", inputs) as stage:
         runs.write_json(stage / runs.METRICS_FILE, metrics)
         _write_confusion(stage, np.asarray(metrics["confusion_matrix"]), class_names)
         _write_predictions(stage, split.paths, probs, labels, class_names)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.errors import UserError
 from toolkit.head import CLASS_MAPS
 
@@ -64,25 +64,34 @@ def safe_file_name(text: str) -> str:
 
 def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
             overwrite: bool = False) -> list[Path]:
+    """One CAM overlay per readable image into the folder ``out``. The class explained (the predicted one, or
+    ``class_name``) and the probability logged are ``toolkit predict``'s: the calibrated probability of the
+    evaluation centre crop; the map itself is of the whole image."""
     from PIL import Image
 
-    from toolkit.inference import collect_images, load_member
+    from toolkit.inference import collect_images, predict_member
+    from toolkit.members import load_member
     from toolkit.verify import verify_files
 
+    inputs = {"--model": [model], "--images": list(images)}
+    outputs.check_output_dir(out, overwrite, "explain", inputs)
     member = load_member(model)
     if class_name is not None and class_name not in member.class_names:
         raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
     records = verify_files(collect_images(images))
     written = []
-    with runs.output_dir(out, overwrite, "explain", {"--model": [model], "--images": list(images)}) as stage:
+    with outputs.output_dir(out, overwrite, "explain", inputs) as stage:
         for record in records:
             if not record.ok:
                 logger.warning("explain: skipped %s: %s", record.path, record.reason)
                 continue
+            probs = predict_member(member, [record.decode_path], [record.is_jpeg])[0]
+            index = int(probs.argmax()) if class_name is None else member.class_names.index(class_name)
             with Image.open(record.decode_path) as im:
                 image = np.asarray(im.convert("RGB"))
-            cam, index, probs = class_activation_map(member, image, class_name)
-            name = f"{safe_file_name(Path(record.path).stem)}.cam-{safe_file_name(member.class_names[index])}.png"
+            cam, _, _ = class_activation_map(member, image, member.class_names[index])
+            name = outputs.fit_name(f"{safe_file_name(Path(record.path).stem)}.cam-"
+                                    f"{safe_file_name(member.class_names[index])}.png", reserve=8)
             if (stage / name).exists():  # the same file name in two folders
                 name = f"{Path(name).stem}-{len(written) + 1}.png"
             with runs.atomic_path(stage / name) as tmp:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,12 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
            data: str | Path | None = None) -> Path:
     """Write ``model`` in format ``fmt`` into the folder ``out``; quantized formats also measure themselves on the
     run's validation images or on ``data`` (``export.json``, :mod:`toolkit.quantize`)."""
-    from toolkit.inference import load_member
+    from toolkit.members import load_member
 
     if fmt not in FORMATS:
         raise UserError(f"Unknown export format. Received: format={fmt!r}; allowed: {', '.join(FORMATS)}")
     inputs = {"--model": [model]} | ({"--data": [data]} if data else {})
-    runs.check_apart(out, inputs)
-    runs.check_replaceable(out, overwrite)
+    outputs.check_output_dir(out, overwrite, "export", inputs)
     if fmt == "onnx":
         try:
             import tf2onnx  # noqa: F401
@@ -64,13 +63,15 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
             raise ExportUnavailableError(
                 'ONNX export needs tf2onnx and onnx: pip install "toolkit[onnx]" (also installs onnxruntime to run '
                 f"the file). They are not installed here ({exc}).") from None
-    if image_size is not None and image_size < 32:
-        raise UserError(f"--image-size must be >= 32. Received: image_size={image_size!r}")
+    if image_size is not None:
+        from toolkit.config import check_image_size
+
+        check_image_size(image_size, "--image-size")
     member = load_member(model)
     size = image_size or member.image_size
     measure_on = _measurement_data(model, data) if fmt.startswith("tflite-") else None
     keras_model = deployable_model(member, size)
-    with runs.output_dir(out, overwrite, "export", inputs) as stage:
+    with outputs.output_dir(out, overwrite, "export", inputs) as stage:
         runs.write_json(stage / runs.CLASSES_FILE, list(member.class_names))
         target = stage / FILE_NAMES[fmt]
         if fmt == "savedmodel":

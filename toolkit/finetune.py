@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import backbones, runs
+from toolkit import backbones, outputs, runs
 from toolkit.config import FinetuneConfig
 from toolkit.datasets import dataset_statistics
 from toolkit.errors import UserError
@@ -55,10 +55,11 @@ def finetune(config: FinetuneConfig, out: str | Path | None = None, overwrite: b
         raise UserError("--strategy multi-worker needs --out: every worker must name the same run folder, on a "
                         "filesystem they all see. Received: out=None")
     target = Path(out or runs.default_run_dir(config.backbone))
-    runs.check_apart(target, {"--data": [config.data]})
-    if runs.check_replaceable(target, overwrite) and config.strategy == "multi-worker":
+    if outputs.check_output_dir(target, overwrite, "run", {"--data": [config.data]}) and config.strategy == "multi-worker":
         raise UserError(f"--overwrite with --strategy multi-worker: every worker must write the same folder; "
                         f"remove {str(target)!r} first, or choose another --out")
+    if config.data_service:
+        distribute.check_reachable(config.data_service, "--data-service")
     splits = load_checked_splits(config, progress=verbose > 0)
     members = _fold_members(config, splits)
     if members:
@@ -85,7 +86,7 @@ def resume(run_dir: str | Path, verbose: int = 1) -> FinetuneResult:
     """Continue an interrupted run (or ensemble) folder from its last finished epoch."""
     from toolkit import distribute
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # a sibling it replaces is found beside its real location
     if (run_dir / runs.ENSEMBLE_FILE).is_file():
         from toolkit.ensemble import finetune_ensemble
 
@@ -93,6 +94,8 @@ def resume(run_dir: str | Path, verbose: int = 1) -> FinetuneResult:
     if not (run_dir / runs.RECIPE_FILE).is_file():
         raise UserError(f"Not a run folder (no {runs.RECIPE_FILE}). Received: resume={str(run_dir)!r}")
     config = load_config(run_dir / runs.RECIPE_FILE)
+    if config.data_service:
+        distribute.check_reachable(config.data_service, f"data_service in {run_dir / runs.RECIPE_FILE}")
     scale = distribute.resolve(config.strategy)
     logger.info("strategy: %s", scale.describe())
     return _run(run_dir, config, scale, None, verbose, resuming=True)
@@ -102,6 +105,10 @@ def _run(run_dir: Path, config: FinetuneConfig, scale, splits, verbose: int, res
     """Train ``run_dir`` (locked while it trains), then swap it in for the folder it replaces, if any."""
     with runs.locked(run_dir) if scale.is_chief else contextlib.nullcontext():
         state = read_state(run_dir, resuming)
+        if state.finished and state.replaces and scale.is_chief:  # trained; its swap was refused: try it again
+            run = Run(config, run_dir, state, verbose, scale, run_dir, None)
+            metrics = runs.read_json(run_dir / runs.METRICS_FILE, "Train the run again with --out.")
+            return FinetuneResult(run.finish_replacement(), metrics)
         if state.finished:
             raise UserError(f"Run already finished. Received: resume={str(run_dir)!r}; start a new run with --out.")
         if splits is None:
@@ -118,7 +125,7 @@ def _run(run_dir: Path, config: FinetuneConfig, scale, splits, verbose: int, res
         except AccuracyGateError as exc:
             exc.run_dir = run.finish_replacement()
             raise
-        except UserError:
+        except Exception:  # bad input found late, or a failure (out of memory): no untrained folder is left
             run.remove_if_untrained(fresh=not resuming)
             raise
         finally:
@@ -150,7 +157,7 @@ def _precision(mixed: bool):
 def _train(run: Run) -> FinetuneResult:
     import keras
 
-    from toolkit.augment import pca_statistics
+    from toolkit.augment import check_pca_statistics, pca_statistics
     from toolkit.fit_data import FitData, class_weights
     from toolkit.head import BACKBONE, NINHead, build_classifier
 
@@ -160,7 +167,8 @@ def _train(run: Run) -> FinetuneResult:
     # ---- data
     start = time.perf_counter()
     if (run.dir / runs.PCA_FILE).is_file():
-        pca = runs.read_json(run.dir / runs.PCA_FILE, "Delete it: the next --resume computes it again.")
+        pca = check_pca_statistics(runs.read_json(run.dir / runs.PCA_FILE, "Delete it: the next --resume computes it "
+                                                  "again."), run.dir / runs.PCA_FILE)
     else:
         pca = pca_statistics(list(splits.train.decode_paths), seed=config.seed)
         runs.write_json(run.dir / runs.PCA_FILE, pca)

@@ -1,9 +1,7 @@
 """Predictions from trained runs: test-time augmentation and ensembles.
 
-A *member* is one run folder (``model.keras`` + ``classes.json`` +
-``recipe.toml`` + optional ``calibration.json``). An *ensemble folder* holds
-``ensemble.json`` listing member folders (and optional weights); it is
-accepted wherever a run is.
+A *member* is one run folder, loaded and checked by :mod:`toolkit.members`; an
+*ensemble folder* (``ensemble.json``) is accepted wherever a run is.
 
 TTA modes (:data:`TTA_MODES`), all at the model's crop fraction:
 
@@ -23,7 +21,6 @@ members.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -31,129 +28,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from toolkit import runs
 from toolkit.calibration import apply_temperature
 from toolkit.errors import UserError
+from toolkit.members import Member
 
 logger = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "5crop", "10crop", "full")
-ENSEMBLE_FILE = runs.ENSEMBLE_FILE
 # The whole-image view (``--tta full``, ``explain``) has its shorter side at size / crop_fraction; an image
 # of extreme aspect ratio (20000x100) would become a 51200x256 input and tens of GB of activations, so the
 # view is scaled down further to hold at most this many pixels (4 of the 256x256 standard views: a 4:1
 # panorama still fits whole).
 WHOLE_IMAGE_MAX_PIXELS = 4 * 256 * 256
-
-
-class ModelMismatchError(UserError):
-    pass
-
-
-@dataclasses.dataclass
-class Member:
-    path: Path
-    model: object  # keras.Model
-    class_names: tuple[str, ...]
-    image_size: int
-    crop_fraction: float
-    temperature: float = 1.0
-    weight: float = 1.0
-    _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    def forward(self, whole_images: bool = False, features: bool = False):
-        """The model's inference call, compiled once per member: a fixed input signature with any batch
-        (and, for whole images, any height and width) means no re-tracing between calls or batches. With
-        ``features``, (probabilities, pooled backbone features) from the same pass (:func:`toolkit.unknown.pooled_model`)."""
-        import tensorflow as tf
-
-        key = (whole_images, features)
-        if key not in self._forwards:
-            from toolkit.unknown import pooled_model
-
-            size = None if whole_images else self.image_size
-            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
-            model = pooled_model(self.model) if features else self.model
-            self._forwards[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        return self._forwards[key]
-
-
-def _load_keras_model(path: Path):
-    """``keras.models.load_model`` in safe mode; a file it cannot or will not load is a user error."""
-    import keras
-
-    try:
-        return keras.models.load_model(path, safe_mode=True)
-    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, TypeError... for bad files
-        text = " ".join(str(exc).split())
-        if "safe_mode=False" in text and "deserializ" in text:  # Keras refusing code in safe mode
-            why = ("it holds Python code (a Lambda layer) that safe mode refuses to run; only load it with "
-                   "safe_mode=False in Python if you trust where it came from")
-        else:
-            why = f"it cannot be read ({type(exc).__name__}: {text[:200]}); the file is truncated or corrupt: " \
-                  "train the run again or restore the file"
-        raise UserError(f"{path}: not loaded: {why}") from exc
-
-
-def load_member(run: str | Path, weight: float = 1.0):
-    from toolkit import backbones
-    from toolkit.recipes import load_config
-
-    run = Path(run)
-    if not (run / runs.MODEL_FILE).is_file():
-        raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
-    config = load_config(run / runs.RECIPE_FILE)  # validated; its defaults are the config's own
-    calibration = {}
-    if (run / runs.CALIBRATION_FILE).is_file():
-        calibration = runs.read_json(run / runs.CALIBRATION_FILE, "Delete it to predict without calibration.")
-    class_names = runs.read_json(run / runs.CLASSES_FILE, "It lists the class names in label order; restore it.")
-    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
-        raise UserError(f"{run / runs.CLASSES_FILE} must be a JSON list of class names. Received: {class_names!r:.100}")
-    model = _load_keras_model(run / runs.MODEL_FILE)
-    outputs = model.output_shape[-1]
-    if len(class_names) != outputs:
-        raise UserError(f"{run / runs.CLASSES_FILE} names {len(class_names)} classes, but the model has {outputs} "
-                        "outputs; restore the classes.json that was trained with this model.")
-    return Member(
-        path=run,
-        model=model,
-        class_names=tuple(class_names),
-        image_size=config.image_size or backbones.get_spec(config.backbone).input_size,
-        crop_fraction=config.crop_fraction,
-        temperature=float(calibration.get("temperature", 1.0)),
-        weight=weight,
-    )
-
-
-def expand_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[tuple[Path, float]]:
-    """Run folders (ensemble folders expanded into their members) with their weights."""
-    if weights is not None and len(weights) != len(paths):
-        raise ValueError(f"--weights needs one weight per --model. Received: {len(weights)} weights for {len(paths)} models")
-    out: list[tuple[Path, float]] = []
-    for path, weight in zip(paths, weights or [1.0] * len(paths)):
-        path = Path(path)
-        if (path / ENSEMBLE_FILE).is_file():
-            spec = runs.read_json(path / ENSEMBLE_FILE, "It lists the ensemble's members; restore it.")
-            member_weights = spec.get("weights") or [1.0] * len(spec["members"])
-            out += [(path / m, weight * w) for m, w in zip(spec["members"], member_weights)]
-        else:
-            out.append((path, weight))
-    return out
-
-
-def load_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Member]:
-    """Load every member; their class lists must be identical (same names, same order)."""
-    members = [load_member(p, w) for p, w in expand_models(paths, weights)]
-    reference = members[0].class_names
-    for m in members[1:]:
-        if m.class_names != reference:
-            only_a = sorted(set(reference) - set(m.class_names))
-            only_b = sorted(set(m.class_names) - set(reference))
-            detail = (f"{members[0].path} has {only_a} that {m.path} lacks, {m.path} has {only_b}"
-                      if only_a or only_b else "same classes in a different order")
-            raise ModelMismatchError(f"Ensemble members disagree on their classes: {detail}. "
-                                     "Train every member on the same class folders.")
-    return members
 
 
 # ----------------------------------------------------------------------------- TTA views (TF)
@@ -350,8 +236,10 @@ def predictions_frame(paths: Sequence[str], probs: np.ndarray, class_names: Sequ
     ok_paths = [p for p in paths if p not in errors]
     for i, p in enumerate(ok_paths):
         row_of[p] = i
+    from toolkit.discovery import printable
+
     for path in paths:
-        row: dict[str, object] = {"path": path}
+        row: dict[str, object] = {"path": printable(path)}
         if path in errors:
             row.update({"label": "", "probability": np.nan, "error": errors[path]})
         else:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import runs
+from toolkit import outputs, runs
 from toolkit.config import FinetuneConfig
 from toolkit.datasets import DatasetSplits, check_trainable, load_splits
 from toolkit.discovery import check_source
@@ -81,7 +81,7 @@ class RunState:
     stages: dict[Stage, StageState] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     finished: bool = False
-    replaces: str | None = None  # the folder this run replaces when it finishes (--overwrite)
+    replaces: outputs.Replacement | None = None  # the sibling this run replaces when it finishes (--overwrite)
 
     def stage(self, stage: Stage) -> StageState:
         return self.stages.setdefault(stage, StageState())
@@ -92,16 +92,35 @@ class RunState:
         if self.finished:
             out["finished"] = True
         if self.replaces:
-            out["replaces"] = self.replaces
+            out["replaces"] = self.replaces.to_json()
         return out
 
     @classmethod
     def from_json(cls, values: dict[str, Any], path: Path) -> "RunState":
+        """The state read from ``path``, checked: what it names to replace must be its folder's own sibling."""
         try:
             stages = {s: StageState(**values[s.value]) for s in Stage if s.value in values}
-            return cls(stages, dict(values.get("timings", {})), bool(values.get("finished")), values.get("replaces"))
-        except (TypeError, AttributeError) as exc:
+            timings = {str(k): float(v) for k, v in dict(values.get("timings", {})).items()}
+            for stage in stages.values():
+                _check_stage_state(stage, path)
+        except (TypeError, AttributeError, ValueError) as exc:
             raise UserError(f"{path} is corrupt ({exc}). Restore it, or start a new run with --out.") from None
+        replaces = values.get("replaces")
+        if replaces is not None:
+            replaces = outputs.Replacement.from_json(replaces, path.parent, path)
+        return cls(stages, timings, values.get("finished") is True, replaces)
+
+
+def _check_stage_state(stage: StageState, path: Path) -> None:
+    """Refuse epoch counts and losses that no run writes (they index checkpoints and decide early stopping)."""
+    for name in ("best_epoch", "wait", "epochs_done"):
+        value = getattr(stage, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1_000_000:
+            raise ValueError(f"{name} must be an epoch count, not {value!r}")
+    if not isinstance(stage.best_loss, (int, float)) or math.isnan(stage.best_loss):
+        raise ValueError(f"best_loss must be a number, not {stage.best_loss!r}")
+    if not isinstance(stage.history, list) or not isinstance(stage.done, bool):
+        raise ValueError("history must be a list and done true or false")
 
 
 class Run:
@@ -133,14 +152,17 @@ class Run:
     @property
     def final_dir(self) -> Path:
         """Where the run ends up: the folder it replaces, when it was trained beside it (``--overwrite``)."""
-        return Path(self.state.replaces or self.run_dir)
+        return self.run_dir.with_name(self.state.replaces.name) if self.state.replaces else self.run_dir
 
     def finish_replacement(self) -> Path:
         """Swap a finished replacement in for the folder it replaces (chief only); returns the final folder."""
-        if self.state.replaces and self.scale.is_chief and self.run_dir != self.final_dir:
-            runs.replace_dir(self.run_dir, self.final_dir)
-            logger.info("finetune: %s replaced by the new run", self.final_dir)
-        return self.final_dir
+        final = self.final_dir
+        if self.state.replaces and self.scale.is_chief:
+            swap_in(self.run_dir, self.state.replaces, "run")
+            self.state.replaces = None
+            runs.write_json(final / runs.STATE_FILE, self.state.to_json())  # in place: nothing left to replace
+            logger.info("finetune: %s replaced by the new run", final)
+        return final
 
     def remove_if_untrained(self, fresh: bool) -> None:
         """A new run that failed on its input before finishing an epoch leaves no folder behind.
@@ -204,13 +226,20 @@ def create_run(config: FinetuneConfig, out: str | Path | None = None, overwrite:
     only when the new run finishes (its ``state.json`` records which folder it replaces).
     """
     target = Path(out or runs.default_run_dir(config.backbone))
-    run_dir = runs.prepare_run_dir(target, overwrite, "run", {"--data": [config.data]})
+    run_dir, replaces = outputs.prepare_run_dir(target, overwrite, "run", {"--data": [config.data]})
     runs.write_text(run_dir / runs.RECIPE_FILE, runs.to_toml(config_to_dict(config)))
-    if run_dir != target:
-        runs.write_json(run_dir / runs.STATE_FILE, RunState(replaces=str(target.resolve())).to_json())
+    if replaces is not None:
+        runs.write_json(run_dir / runs.STATE_FILE, RunState(replaces=replaces).to_json())
         logger.info("finetune: the new run trains in %s and replaces %s only when it finishes (an interrupted one "
                     "continues with --resume %s)", run_dir, target, run_dir)
     return run_dir
+
+
+def swap_in(stage: Path, replaces: outputs.Replacement, kind: str) -> None:
+    """Put the finished ``stage`` in the place of the sibling it was created to replace (checked again now)."""
+    outputs.replace_dir(stage, stage.with_name(replaces.name), kind, replaces.id,
+                        then=f"The finished {kind} stays in {stage}; once that folder holds only what toolkit wrote, "
+                             f"`toolkit finetune --resume {stage}` puts it in its place.")
 
 
 # ----------------------------------------------------------------------------- an existing run

@@ -198,10 +198,19 @@ def member_scorer(members):
     if len(members) != 1:
         raise UserError(f"--unknown works with one model (its own statistics); received {len(members)} models. Pass "
                         "one --model, or --unknown off.")
-    return members[0], load_scorer(members[0].path)
+    return members[0], load_scorer(members[0].path, len(members[0].class_names), feature_width(members[0].model))
 
 
-def load_scorer(run: Path) -> UnknownScorer:
+def feature_width(model) -> int:
+    """Channels of the pooled backbone features :func:`pooled_model` gives."""
+    from toolkit.head import BACKBONE
+
+    return int(model.get_layer(BACKBONE).output.shape[-1])
+
+
+def load_scorer(run: Path, classes: int, width: int) -> UnknownScorer:
+    """A run's scorer, every array checked against the model it is to score for (``classes`` outputs, ``width``
+    feature channels): a crafted or damaged file is refused, never trusted."""
     path = Path(run) / runs.UNKNOWN_FILE
     if not path.is_file():
         raise UserError(f"--unknown: {run} has no {runs.UNKNOWN_FILE} (the statistics the score needs), so it was "
@@ -216,7 +225,29 @@ def load_scorer(run: Path) -> UnknownScorer:
     if not all(name in stored for name in fields):
         raise UserError(f"--unknown: {path} holds the statistics of another version of the score ({', '.join(stored)}; "
                         f"this one needs {', '.join(fields)}). Train the run again, or pass --unknown off.")
+    problem = _scorer_problem(stored, classes, width)
+    if problem:
+        raise UserError(f"--unknown: {path} does not fit this model: {problem}. Train the run again, or pass "
+                        "--unknown off.")
     return UnknownScorer(**{name: stored[name] for name in fields})
+
+
+def _scorer_problem(stored: dict[str, np.ndarray], classes: int, width: int) -> str:
+    """What is wrong with a stored scorer's arrays ("" if nothing)."""
+    bank, labels, spread, reference = (stored[k] for k in ("bank", "bank_labels", "spread", "reference"))
+    if any(a.dtype.kind not in "fiu" for a in (bank, labels, spread, reference)):
+        return "its arrays must be numbers"
+    if bank.ndim != 2 or len(bank) < 1 or bank.shape[1] != width:
+        return f"bank has shape {bank.shape}, not (images >= 1, {width})"
+    if labels.shape != (len(bank),) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= classes:
+        return f"bank_labels must be {len(bank)} class indices in [0, {classes})"
+    if spread.shape != (2, 2) or not np.isfinite(spread).all() or not (spread[:, 1] > 0).all():
+        return "spread must be 2 finite (median, scale > 0) pairs"
+    if reference.ndim != 1 or len(reference) < 1 or not np.isfinite(reference).all():
+        return "reference must hold the held-out images' finite scores"
+    if not np.isfinite(bank.astype(np.float32)).all():
+        return "bank holds values that are not finite"
+    return ""
 
 
 def pooled_model(model):

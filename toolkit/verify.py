@@ -17,6 +17,12 @@ classified once:
 
 The content hash computed on the way finds byte-identical files, e.g. the same
 photo in train and test (leakage).
+
+A file is sized before it is read: one larger than :func:`max_file_bytes` (a sparse
+9 GB "photo") is refused with a row, never read. A file name that is not valid UTF-8
+is refused with a row that shows it escaped (``caf\\xe9.jpg``): TensorFlow, CSVs and JSON
+all need text names. The verdict cache is only a cache: when its folder cannot be
+written, a temporary one is used for the process, with one warning.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -38,6 +45,7 @@ from typing import Iterable
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from toolkit import runs
+from toolkit.discovery import printable
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,10 @@ HUGE_PIXELS = 24_000_000
 CONVERTED_MAX_SIDE = 2048
 # Refuse outright above this (a decompression bomb, not a photo).
 MAX_PIXELS = 400_000_000
-CACHE_VERSION = 1
+# Files above this many bytes are not read (TOOLKIT_MAX_IMAGE_MB sets another cap): the largest photos and scans
+# are tens of MB, and each verifying process holds a whole file.
+DEFAULT_MAX_IMAGE_MB = 512
+CACHE_VERSION = 2  # the stamp: size, mtime, ctime and inode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +77,20 @@ class ImageRecord:
     sha1: str = ""
 
 
+def max_file_bytes() -> int:
+    """The largest image file read, in bytes (``TOOLKIT_MAX_IMAGE_MB``, default :data:`DEFAULT_MAX_IMAGE_MB`)."""
+    text = os.environ.get("TOOLKIT_MAX_IMAGE_MB", "")
+    try:
+        megabytes = float(text) if text else DEFAULT_MAX_IMAGE_MB
+    except ValueError:
+        megabytes = -1.0
+    if not 0 < megabytes < 2**40:
+        from toolkit.errors import UserError
+
+        raise UserError(f"TOOLKIT_MAX_IMAGE_MB must be a number of megabytes > 0. Received: {text!r}")
+    return int(megabytes * 2**20)
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("TOOLKIT_CACHE_DIR")
     if env:
@@ -78,6 +103,8 @@ def _sniff(data: bytes) -> str:
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
         return "not an image: HTML page (a download that saved an error page?)"
+    if b"\0" in data[:4096]:
+        return "not an image: unrecognised binary data"
     try:
         data[:4096].decode("utf-8")
         return "not an image: text file"
@@ -123,10 +150,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def verify_file(path: str, converted_dir: Path) -> ImageRecord:
     """Decode ``path`` fully and decide how the pipeline should read it. Never raises."""
+    if printable(path) != path:
+        return ImageRecord(path, False, "file name is not valid UTF-8; rename the file (e.g. with convmv)")
     unreadable = _not_a_regular_file(path)
     if unreadable:
         return ImageRecord(path, False, unreadable)
     try:
+        size, cap = os.stat(path).st_size, max_file_bytes()
+        if size > cap:
+            return ImageRecord(path, False, f"file too large to be a photo ({size / 2**20:,.0f} MB > {cap / 2**20:,.0f} "
+                                            "MB; TOOLKIT_MAX_IMAGE_MB sets the limit); not read")
         data = Path(path).read_bytes()
     except OSError as exc:
         return ImageRecord(path, False, f"cannot read file: {exc.strerror or exc}")
@@ -187,40 +220,58 @@ def verify_file(path: str, converted_dir: Path) -> ImageRecord:
 
 
 class VerificationCache:
-    """Verdicts keyed by absolute path, valid while the file's size and mtime are unchanged."""
+    """Verdicts keyed by absolute path, valid while the file's size, mtime, ctime and inode are unchanged.
+
+    The ctime cannot be set back by a program (``touch -d`` sets the mtime, and moves the ctime to now), so
+    a file rewritten with the same size and mtime is verified again.
+    """
 
     def __init__(self, directory: Path | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir()
+        self.directory = usable_cache_dir(Path(directory) if directory else default_cache_dir())
         self.file = self.directory / "verified.jsonl"
         self.converted_dir = self.directory / "converted"
         self._entries: dict[str, dict] = {}
         if self.file.is_file():
-            for line in self.file.read_text(encoding="utf-8").splitlines():
+            try:
+                text = self.file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = ""  # an unreadable cache only costs a re-verification
+            for line in text.splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a damaged line only costs a re-verification
-                if entry.get("v") == CACHE_VERSION:
+                if isinstance(entry, dict) and entry.get("v") == CACHE_VERSION and isinstance(entry.get("key"), str):
                     self._entries[entry["key"]] = entry
 
     @staticmethod
-    def _stamp(path: str) -> tuple[int, int] | None:
+    def _stamp(path: str) -> tuple[int, ...] | None:
         try:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
     def get(self, path: str) -> ImageRecord | None:
         key = os.path.abspath(path)
         entry = self._entries.get(key)
         stamp = self._stamp(path)
-        if entry is None or stamp is None or tuple(entry["stamp"]) != stamp:
+        if entry is None or stamp is None or tuple(entry.get("stamp", ())) != stamp:
             return None
-        record = ImageRecord(**entry["record"])
-        if record.ok and not Path(record.decode_path).is_file():
-            return None  # converted copy deleted: verify again
+        try:
+            record = ImageRecord(**entry["record"])
+        except (KeyError, TypeError):
+            return None  # a damaged entry: verify again
+        if record.ok and not self._own_copy(record):
+            return None  # converted copy deleted (or not the cache's own): verify again
         return dataclasses.replace(record, path=path)
+
+    def _own_copy(self, record: ImageRecord) -> bool:
+        """The pipeline reads the file itself, or this cache's converted copy of it, which exists."""
+        decode = Path(record.decode_path)
+        if os.path.abspath(record.decode_path) != os.path.abspath(record.path) and decode.parent != self.converted_dir:
+            return False
+        return decode.is_file()
 
     def put(self, record: ImageRecord) -> None:
         stamp = self._stamp(record.path)
@@ -230,8 +281,37 @@ class VerificationCache:
         self._entries[key] = {"v": CACHE_VERSION, "key": key, "stamp": list(stamp), "record": dataclasses.asdict(record)}
 
     def save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        runs.write_text(self.file, "".join(json.dumps(e) + "\n" for e in self._entries.values()))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            runs.write_text(self.file, "".join(json.dumps(e) + "\n" for e in self._entries.values()))
+        except OSError as exc:  # a full disk, say: the next run verifies again
+            logger.warning("verification cache %s not saved (%s); the next run verifies these files again", self.file,
+                           exc.strerror or exc)
+
+
+_FALLBACK: dict[str, Path] = {}
+
+
+def usable_cache_dir(directory: Path) -> Path:
+    """``directory`` if a cache can be kept there; otherwise, with one warning, a temporary folder of this process."""
+    try:
+        (directory / "converted").mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+        return directory
+    except OSError as exc:
+        key = str(directory)
+        if key not in _FALLBACK:
+            import atexit
+            import shutil
+
+            _FALLBACK[key] = Path(tempfile.mkdtemp(prefix="toolkit-cache-"))
+            atexit.register(shutil.rmtree, _FALLBACK[key], True)
+            logger.warning("the verification cache %s cannot be written (%s); using %s for this run (set "
+                           "TOOLKIT_CACHE_DIR to a writable folder to keep verdicts between runs)", directory,
+                           exc.strerror or exc, _FALLBACK[key])
+        return _FALLBACK[key]
 
 
 def _verify_chunk(args: tuple[list[str], str]) -> list[ImageRecord]:
@@ -246,6 +326,7 @@ def verify_files(
     progress: bool = False,
 ) -> list[ImageRecord]:
     """Verdicts for ``paths`` in order; uncached files are decoded in worker processes."""
+    max_file_bytes()  # a bad TOOLKIT_MAX_IMAGE_MB: one line, before any process starts
     cache = cache or VerificationCache()
     paths = list(paths)
     records: dict[str, ImageRecord] = {}
