@@ -193,8 +193,8 @@ def _unlisted(folder: Path, patterns: tuple[str, ...]) -> list[str]:
     out = []
     for current, dirs, files in os.walk(folder):
         for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(current, d))):
-            rel = os.path.relpath(os.path.join(current, name), folder)
             full = os.path.join(current, name)
+            rel = os.path.relpath(full, folder)
             if os.path.islink(full) or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
                 out.append(rel)
     return sorted(out)
