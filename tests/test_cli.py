@@ -27,6 +27,32 @@ def test_help_of_every_subcommand_is_complete():
         assert flag in finetune_help
 
 
+def test_help_defaults_are_the_values_a_run_without_flags_records(tmp_path):
+    """Each setting's "(default: X)" in `finetune --help` equals its value in the recipe.toml that a run started
+    with no flags writes (the default recipe over the fields' own defaults), for every setting."""
+    import argparse
+
+    from toolkit import runs
+    from toolkit.cli_flags import setting_keys
+    from toolkit.recipes import build_config, config_to_dict
+    from toolkit.run_state import prepare_config
+
+    finetune = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["finetune"]
+    shown = {}
+    for action in finetune._actions:
+        text = action.help or ""
+        if action.dest in setting_keys() and "(default: " in text:
+            shown[action.dest] = text[text.rfind("(default: ") + len("(default: "):].removesuffix(")")
+    data = tmp_path / "data"
+    data.mkdir()
+    recorded = tomllib.loads(runs.to_toml(config_to_dict(prepare_config(build_config(None, {"data": str(data)})))))
+    flat = {k: v for k, v in recorded.items() if k != "augment"} | {f"augment.{k}": v for k, v in recorded["augment"].items()}
+    as_shown = {k: repr(tuple(v) if isinstance(v, list) else v) for k, v in flat.items() if k in shown}
+    assert shown == as_shown
+    assert {"head_lr", "finetune_epochs", "early_stopping_patience", "cache_views", "augment.crop_ratio"} <= set(shown)
+    assert len(shown) >= len(setting_keys()) - 6  # only empty or unset values show no default (data, fold, ...)
+
+
 def test_backbones_table_lists_every_backbone(capsys):
     from toolkit import backbones
 

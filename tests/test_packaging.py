@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,16 +24,24 @@ def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(source)], check=True, cwd=tmp_path)
-    (wheel,) = wheels.glob("toolkit-*.whl")
+    (wheel,) = wheels.glob("toolkit_finetune-*.whl")
+    # the distribution name resolves to this project, extras included (PyPI's "toolkit" is another project)
+    resolved = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps",
+                               "--no-index", "--find-links", str(wheels), "--report", "-", "--quiet",
+                               "toolkit-finetune[onnx]"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    (item,) = json.loads(resolved)["install"]
+    assert item["download_info"]["url"].endswith(wheel.name) and item["metadata"]["name"] == "toolkit-finetune"
+    assert "onnxruntime>=1.17; extra == \"onnx\"" in item["metadata"]["requires_dist"]
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True)
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install: the wheel's copy is used
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([sys.executable, "-c", "import toolkit; print(toolkit.__file__)"], env=env, cwd=elsewhere,
-                           capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(target)), where
+    where = subprocess.run([sys.executable, "-c", "import sys, toolkit; print(toolkit.__file__, toolkit.__version__, "
+                            "'tensorflow' in sys.modules)"], env=env, cwd=elsewhere, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert where[0].startswith(str(target)) and where[1:] == ["0.1.0", "False"], where
     done = subprocess.run([str(target / "bin" / "toolkit"), "finetune", "--data", str(sample_data), "--epochs", "1",
                            "--img-size", "64", "--out", "out"], env=env, cwd=elsewhere, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

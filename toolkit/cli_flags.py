@@ -29,9 +29,10 @@ def _flag(name: str, prefix: str = "") -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
-def _add_field(group, field: dataclasses.Field, annotation: Any, prefix: str = "") -> None:
+def _add_field(group, field: dataclasses.Field, annotation: Any, shown: Any, prefix: str = "") -> None:
+    """The flag of one field; ``shown`` is the value a run without the flag uses (the default recipe's)."""
     meta = field.metadata
-    default = field.default if field.default is not dataclasses.MISSING else None
+    default = tuple(shown) if isinstance(shown, list) else shown
     kwargs: dict[str, Any] = {"dest": f"{prefix}{field.name}", "default": None}
     help_text = meta.get("help", "")
     if annotation is bool:
@@ -51,17 +52,33 @@ def _add_field(group, field: dataclasses.Field, annotation: Any, prefix: str = "
     group.add_argument(_flag(field.name, prefix), help=help_text, **kwargs)
 
 
+def default_values() -> dict[str, Any]:
+    """What a run started without flags uses: every field's default, with the default recipe's values on top
+    (``augment`` a dict). Read from the TOML alone: nothing heavy is imported."""
+    from toolkit.recipes import DEFAULT_RECIPE, read_recipe
+
+    recipe = read_recipe(DEFAULT_RECIPE)
+    values = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name != AUGMENT}
+    augment = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
+    augment.update(recipe.pop(AUGMENT, {}))
+    return values | recipe | {AUGMENT: augment}
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per configuration field (defaults None: the recipe's value stands unless a flag is given)."""
+    from toolkit.recipes import DEFAULT_RECIPE
+
+    shown = default_values()
     hints = typing.get_type_hints(FinetuneConfig)
-    group = parser.add_argument_group("settings (each overrides the recipe's value; its defaults are shown)")
+    group = parser.add_argument_group(f"settings (each overrides the recipe's value; the defaults shown are what runs "
+                                      f"without --recipe: the {DEFAULT_RECIPE!r} recipe's values, else the field's own)")
     for field in dataclasses.fields(FinetuneConfig):
         if field.name not in NOT_SETTINGS and field.name != AUGMENT:
-            _add_field(group, field, hints[field.name])
+            _add_field(group, field, hints[field.name], shown[field.name])
     group = parser.add_argument_group("augmentation settings ([augment] of the recipe)")
     augment_hints = typing.get_type_hints(AugmentConfig)
     for field in dataclasses.fields(AugmentConfig):
-        _add_field(group, field, augment_hints[field.name], prefix=f"{AUGMENT}.")
+        _add_field(group, field, augment_hints[field.name], shown[AUGMENT][field.name], prefix=f"{AUGMENT}.")
     group = parser.add_argument_group("shortcuts")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set any recipe key, e.g. --set head_epochs=5 --set augment.pca_sigma=0.2 (VALUE is read "

@@ -61,7 +61,7 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
             import tf2onnx  # noqa: F401
         except ImportError as exc:
             raise ExportUnavailableError(
-                'ONNX export needs tf2onnx and onnx: pip install "toolkit[onnx]" (also installs onnxruntime to run '
+                'ONNX export needs tf2onnx and onnx: pip install "toolkit-finetune[onnx]" (also installs onnxruntime to run '
                 f"the file). They are not installed here ({exc}).") from None
     if image_size is not None:
         from toolkit.config import check_image_size

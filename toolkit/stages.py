@@ -97,7 +97,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 def tensorboard_callbacks(run: Run, stage: Stage) -> list:
     """Keras' TensorBoard callback, writing under RUN/tensorboard/<stage> (needs the tensorboard package)."""
     if importlib.util.find_spec("tensorboard") is None:  # TensorFlow >= 2.21 writes summaries only with it
-        logger.debug("no TensorBoard logs: pip install \"toolkit[tensorboard]\" to have them")
+        logger.debug("no TensorBoard logs: pip install \"toolkit-finetune[tensorboard]\" to have them")
         return []
     return [keras.callbacks.TensorBoard(str(run.dir / runs.TENSORBOARD_DIR / stage.value), write_graph=False,
                                         profile_batch=0)]
