@@ -20,7 +20,10 @@ def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, source / name)
+        if (REPO / name).is_symlink():  # toolkit/recipe_files -> ../recipes
+            os.symlink(os.readlink(REPO / name), source / name)
+        else:
+            shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(source)], check=True, cwd=tmp_path)
@@ -49,3 +52,7 @@ def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
     names = subprocess.run([str(target / "bin" / "toolkit"), "finetune", "--data", str(sample_data), "--recipe",
                             "quik"], env=env, cwd=elsewhere, capture_output=True, text=True)
     assert names.returncode == 2 and "accurate, quick, small-data" in names.stderr
+    shipped = target / "toolkit" / "recipe_files"  # the top-level recipes/, as files inside the package
+    assert not shipped.is_symlink() and sorted(p.name for p in shipped.iterdir()) == sorted(
+        p.name for p in (REPO / "recipes").glob("*.toml"))
+    assert all((shipped / p.name).read_bytes() == p.read_bytes() for p in (REPO / "recipes").glob("*.toml"))

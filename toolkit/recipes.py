@@ -2,7 +2,7 @@
 
 Precedence: :class:`FinetuneConfig` defaults < recipe file < flags given on
 the command line. A recipe is a TOML file (a name of one shipped in the
-package, ``toolkit/recipe_files/<name>.toml``, or any path) whose top-level
+package, ``recipes/<name>.toml`` in the repository, shipped as ``toolkit/recipe_files``, or any path) whose top-level
 keys are :class:`FinetuneConfig` fields and whose ``[augment]`` table holds
 :class:`toolkit.config.AugmentConfig` fields. The
 resolved configuration is written into the run folder as ``recipe.toml``;
