@@ -176,3 +176,22 @@ def test_set_epochs_and_lr_reach_the_run_recipe(sample_data, tmp_path, capsys):
     for src in parser.sources:
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_a_mistyped_flag_shows_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--head-epoks", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: toolkit finetune") and "did you mean --head-epochs?" in err
+
+
+def test_one_image_and_no_tta_are_worded_as_such(trained, tmp_path, capsys, caplog):
+    import logging
+
+    data, run = trained
+    assert main(["predict", "--model", str(run), "--images", str(data / "a" / "0.jpg"), "--out",
+                 str(tmp_path / "p.csv"), "-q"]) == 0
+    assert capsys.readouterr().out.startswith("1 image predicted, 0 unreadable")
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        assert main(["evaluate", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
+    assert "(all; no TTA)" in caplog.text

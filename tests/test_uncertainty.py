@@ -59,3 +59,12 @@ def test_the_paired_difference_interval_covers_the_true_drop_and_is_paired():
     low, high = intervals[0]
     assert low <= first[0].mean() - second[0].mean() <= high and high - low < 0.09  # unpaired: 0.14 wide
     assert difference_interval(first[0], first[0]) == (0.0, 0.0)  # identical answers: no difference at all
+
+
+def test_changes_and_counts_are_worded_in_the_direction_they_went():
+    from toolkit.uncertainty import describe_change, plural
+
+    assert describe_change(0.008, (-0.005, 0.024)) == "0.8 points lower (95% CI -0.5 to 2.4)"
+    assert describe_change(-0.0066, (-0.019, 0.005)) == "0.7 points higher (95% CI -0.5 to 1.9)"
+    assert describe_change(0.0, (-0.003, 0.005)) == "the same accuracy (95% CI of the change -0.5 to +0.3 points)"
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]

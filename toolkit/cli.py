@@ -80,7 +80,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     the stages the freeze plan unfreezes. Settings come from --recipe; flags given here override it.
     Every recipe key is a flag (--head-epochs; --augment.pca-sigma) and can be set with --set KEY=VALUE.
     Writes model.keras, recipe.toml, classes.json, pca.json, history.csv, curves.png, metrics.json,
-    data.json, calibration.json, report.md, report.html and tensorboard/ into the run folder. Exit
+    data.json, calibration.json, report.md, report.html and, with the tensorboard package installed,
+    tensorboard/ into the run folder. Exit
     status: 0 done, 2 bad input, 3 accuracy gate failed."""
     from toolkit.finetune import AccuracyGateError, finetune, resume
     from toolkit.uncertainty import describe

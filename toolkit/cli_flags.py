@@ -158,7 +158,16 @@ def subcommand(sub, name: str, func, help: str, show_defaults: bool = False) -> 
 
 
 class SuggestingParser(argparse.ArgumentParser):
-    """An ArgumentParser whose unknown-flag error says which known flag was probably meant."""
+    """An ArgumentParser whose unknown-flag error says which known flag was probably meant, with the usage of the
+    sub-command it was given to (``toolkit finetune --head-epoks 3`` shows finetune's usage, not the top level's)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = next((action.choices.get(getattr(parsed, action.dest, None)) for action in self._actions
+                           if isinstance(action, argparse._SubParsersAction)), None)
+            (chosen or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str):
         if "unrecognized arguments:" in message:

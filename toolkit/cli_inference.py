@@ -64,7 +64,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                               unknown)
     runs.write_text(out, frame.to_csv(index=False))
     rejected = f", {int((unknown[0] > unknown[1]).sum())} labelled unknown" if unknown is not None else ""
-    print(f"{len(good)} images predicted{rejected}, {len(errors)} unreadable (rows say why); written to {out}")
+    from toolkit.uncertainty import plural
+
+    print(f"{plural(len(good), 'image')} predicted{rejected}, {len(errors)} unreadable (rows say why); written to {out}")
     return 0
 
 
@@ -115,10 +117,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         import json
 
         r = json.loads(report.read_text())
+        from toolkit.uncertainty import describe_change
+
         kind = args.format.split("-", 1)[1]
-        low, high = (100 * v for v in r["accuracy_drop_ci95"])
         print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f} "
-              f"({100 * r['accuracy_drop']:.1f} points lower, 95% CI {low:.1f} to {high:.1f}), top-1 agreement "
+              f"({describe_change(r['accuracy_drop'], r['accuracy_drop_ci95'])}), top-1 agreement "
               f"{r['top1_agreement']:.4f} on {r['images']} images ({r['measured_on']}); {r['size_ratio']:.2f}x the float "
               f"file, {r[kind + '_latency_ms']:.1f} vs {r['float_latency_ms']:.1f} ms per image on 1 thread")
     return 0
@@ -138,7 +141,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                          backbones=probes)
     f = summary["findings"]
     print(f"{summary['images']} images audited: {f['label']} label issues, {f['near_duplicate']} near-duplicate pairs "
-          f"({summary['near_duplicates_across_splits']} across splits), {f['outlier']} outliers; written to {args.out}")
+          f"({summary['near_duplicates_across_splits']} across splits), {f['outlier']} outliers; written to {args.out} "
+          f"(every finding in {args.out}/audit.csv, the top ones in audit.png)")
     return 0
 
 

@@ -115,8 +115,8 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
         _write_confusion(stage, np.asarray(metrics["confusion_matrix"]), class_names)
         _write_predictions(stage, split.paths, probs, labels, class_names)
         runs.write_bytes(stage / "mistakes.png", mistakes_png(split.decode_paths, probs, labels, class_names))
-    logger.info("evaluate: accuracy %.4f on %d images (%s; %s TTA); written to %s", metrics["accuracy"], metrics["n"],
-                which, tta, out)
+    logger.info("evaluate: accuracy %.4f on %d images (%s; %s); written to %s", metrics["accuracy"], metrics["n"],
+                which, "no TTA" if tta == "none" else f"TTA {tta}", out)
     return metrics
 
 

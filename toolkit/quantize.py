@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.uncertainty import accuracy_interval, difference_interval
+from toolkit.uncertainty import accuracy_interval, describe_change, difference_interval
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,10 @@ def measure(float_bytes: bytes, quantized_bytes: bytes, kind: str, images: np.nd
         logger.warning("export: %s accuracy %.4f is %.1f points (95%% CI %.1f to %.1f) below the float model's %.4f on "
                        "%d images (%s); check it on your own images before deploying it", kind,
                        out[f"{kind}_accuracy"], 100 * drop, low, high, out["float_accuracy"], len(labels), measured_on)
-    logger.info("export: %s %.4f vs float %.4f accuracy (%.1f points lower, 95%% CI %.1f to %.1f), top-1 agreement "
-                "%.4f, %.2fx the size, %.1f vs %.1f ms per image (1 thread), on %d images", kind,
-                out[f"{kind}_accuracy"], out["float_accuracy"], 100 * drop, low, high, out["top1_agreement"],
-                out["size_ratio"], out[f"{kind}_latency_ms"], out["float_latency_ms"], len(labels))
+    logger.info("export: %s %.4f vs float %.4f accuracy (%s), top-1 agreement %.4f, %.2fx the size, %.1f vs %.1f ms "
+                "per image (1 thread), on %d images", kind, out[f"{kind}_accuracy"], out["float_accuracy"],
+                describe_change(drop, out["accuracy_drop_ci95"]), out["top1_agreement"], out["size_ratio"],
+                out[f"{kind}_latency_ms"], out["float_latency_ms"], len(labels))
     return out
 
 

@@ -97,7 +97,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 def tensorboard_callbacks(run: Run, stage: Stage) -> list:
     """Keras' TensorBoard callback, writing under RUN/tensorboard/<stage> (needs the tensorboard package)."""
     if importlib.util.find_spec("tensorboard") is None:  # TensorFlow >= 2.21 writes summaries only with it
-        logger.debug("no TensorBoard logs: pip install \"toolkit-finetune[tensorboard]\" to have them")
+        log = logger.debug if stage == Stage.FINETUNE else logger.info  # said once per run (stage 2 follows stage 1)
+        log("no %s/ in the run folder: TensorBoard logs need the tensorboard package (pip install "
+            "\"toolkit-finetune[tensorboard]\")", runs.TENSORBOARD_DIR)
         return []
     return [keras.callbacks.TensorBoard(str(run.dir / runs.TENSORBOARD_DIR / stage.value), write_graph=False,
                                         profile_batch=0)]

@@ -34,6 +34,22 @@ def describe(accuracy: float, n: int, interval: tuple[float, float]) -> str:
     return f"{accuracy:.4f} (95% CI {interval[0]:.2f}–{interval[1]:.2f}, {n} images)"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def describe_change(drop: float, interval: tuple[float, float]) -> str:
+    """An accuracy change with its paired interval, in the direction it went: ``0.8 points lower (95% CI -0.5 to
+    2.4)``, ``0.7 points higher (95% CI -0.5 to 1.9)``; ``drop`` and ``interval`` are fractions, positive = lower."""
+    points, low, high = 100 * drop, 100 * interval[0], 100 * interval[1]
+    if round(points, 1) == 0:
+        return f"the same accuracy (95% CI of the change {-high:+.1f} to {-low:+.1f} points)"
+    if points > 0:
+        return f"{points:.1f} points lower (95% CI {low:.1f} to {high:.1f})"
+    return f"{-points:.1f} points higher (95% CI {-high:.1f} to {-low:.1f})"
+
+
 def auroc(negatives, positives, axis: int = -1):
     """The probability that a positive's score is above a negative's (ties count a half): the area under the ROC
     curve, as ``sklearn.metrics.roc_auc_score``; along ``axis``, so that the bootstrap can vectorise it."""
