@@ -286,6 +286,6 @@ def test_onnx_export_says_how_to_get_it_when_missing(runs_trained, tmp_path, mon
     from toolkit.export import ExportUnavailableError, export
 
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if not installed
-    with pytest.raises(ExportUnavailableError, match=r'pip install "toolkit\[onnx\]"'):
+    with pytest.raises(ExportUnavailableError, match=r'pip install "toolkit-finetune\[onnx\]"'):
         export(str(runs_trained[0]), "onnx", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
