@@ -44,8 +44,8 @@ def read_ensemble(folder: Path) -> EnsembleSpec:
         raise UserError(f"{path} lists {len(members)} members (at most {MAX_MEMBERS}); {fix}.")
     real = folder.resolve()
     for name in members:
-        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
-                or not (folder / name).is_dir() or (folder / name).resolve().parent != real):
+        if (not outputs.is_plain_name(name) or "\\" in name or not (folder / name).is_dir()
+                or (folder / name).resolve().parent != real):
             raise UserError(f"{path}: member {name!r:.80} is not a sub-folder of {folder}; members must lie inside the "
                             f"ensemble folder. {fix[0].upper() + fix[1:]}.")
     if len(set(members)) != len(members):

@@ -74,6 +74,12 @@ def is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def is_plain_name(name: object) -> bool:
+    """``name`` is one entry's name inside a folder: a non-empty string, not ``.``/``..``, no separator or NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in ("/", "\0", os.sep)))
+
+
 def fit_name(name: str, reserve: int = 0) -> str:
     """``name`` shortened (its stem cut, a hash of the whole name added, its suffix kept) so that it and
     ``reserve`` more bytes fit in one file name."""
@@ -271,8 +277,8 @@ class Replacement:
         if not isinstance(value, dict) or set(value) != {"name", "id"}:
             raise UserError(f"{fix}. Received: replaces={value!r:.120}")
         name, ident = value["name"], value["id"]
-        if (not isinstance(name, str) or not isinstance(ident, str) or not ident or name in ("", ".", "..")
-                or "/" in name or "\0" in name or os.sep in name or staging_name(Path(name)) != stage.name):
+        if (not is_plain_name(name) or not isinstance(ident, str) or not ident
+                or staging_name(Path(name)) != stage.name):
             raise UserError(f"{fix}. Received: replaces={value!r:.120}")
         return cls(name, ident)
 
