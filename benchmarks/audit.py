@@ -15,7 +15,7 @@ Then, for each seed (the subset stays the one drawn with seed 0):
   5–10 % cropped off its borders, every other one mirrored; 10 copies go into train/ (same class), 10 into
   test/ (leakage).
 
-`toolkit audit` (its default probes, `toolkit.audit_data.AUDIT_BACKBONES`, 5-fold x 3 heads on each, cleanlab) runs on
+`toolkit audit` (its default probes, `toolkit.api.audit.AUDIT_BACKBONES`, 5-fold x 3 heads on each, cleanlab) runs on
 the folder; `--backbones mobilenet_v2` measures one probe alone. Reported: precision and
 recall of the `label` rows, precision@k with k = the number of flips, recall of the planted pairs, and the
 other (unplanted) near-duplicate pairs per 1000 images (real near-duplicates of the data count here too).
@@ -94,9 +94,9 @@ def score(findings, flipped: list[str], planted: dict[str, str], n_images: int) 
 
 
 def run(name: str, train, test, seed: int, backbones) -> dict:
-    from toolkit.audit import find_issues
-    from toolkit.audit_data import audit_input
-    from toolkit.config import FinetuneConfig
+    from toolkit.api.audit import audit_input
+    from toolkit.config.settings import FinetuneConfig
+    from toolkit.data.audit import find_issues
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / name
@@ -124,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs the shared datasets at {SHARED}")
-    from toolkit.audit_data import AUDIT_BACKBONES
-    from toolkit.datasets import load_splits
+    from toolkit.api.audit import AUDIT_BACKBONES
+    from toolkit.data.datasets import load_splits
 
     backbones = tuple(args.backbones.split(",")) if args.backbones else AUDIT_BACKBONES
     clothing = load_splits(SHARED / "clothing-small")
@@ -159,4 +159,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "audit")

@@ -54,4 +54,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "cli")

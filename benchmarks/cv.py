@@ -10,12 +10,12 @@ computed once through the toolkit's own pipeline, then for each split seed:
 * holdout (today's run, `--cv off`): a stratified 80/20 split; one head trains on the 80 % and is
   early-stopped on the 20 %; it reports its validation accuracy with a 95 % Wilson interval.
 * 5-fold (`--cv 5 --cv-repeats 1`): five heads trained together on all images, each masked off and
-  early-stopped on its own fold (`toolkit.fold_heads`); the model averages them; it reports the
+  early-stopped on its own fold (`toolkit.train.fold_heads`); the model averages them; it reports the
   out-of-fold accuracy.
 * 5-fold x 3 (`--cv 5`, the default 3 repeats): the same with three differently shuffled 5-fold splits,
   15 heads; each image's estimate averages the 3 heads that never saw it.
 
-Both use `toolkit.fold_heads.fit_fold_heads` (the holdout is one head whose fold is the 20 %).
+Both use `toolkit.train.fold_heads.fit_fold_heads` (the holdout is one head whose fold is the 20 %).
 
 Subsets: clothing-small, 10 and 30 images per class drawn once from train/ (seed 0), tested on test/ (372);
 hymenoptera, all of train/ (245 usable), tested on val/ (153). The 10 seeds vary the holdout split, the
@@ -50,10 +50,9 @@ def features(split, pca, seed: int = 0) -> np.ndarray:
     import keras
 
     from toolkit import backbones
-    from toolkit.feature_cache import forward_all, inference
-    from toolkit.head import NINHead
-    from toolkit.feature_cache import feature_extractor
-    from toolkit.pipeline import make_dataset
+    from toolkit.backbones.head import NINHead
+    from toolkit.data.pipeline import make_dataset
+    from toolkit.train.feature_cache import feature_extractor, forward_all, inference
 
     backbone = backbones.create("mobilenet_v2", input_shape=(None, None, 3))
     forward = inference(feature_extractor(backbone, NINHead(2)))
@@ -79,8 +78,8 @@ def draw(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
 def train(views: np.ndarray, labels: np.ndarray, held: np.ndarray, seed: int):
     import keras
 
-    from toolkit.fold_heads import FoldSettings, fit_fold_heads
-    from toolkit.head import FoldHeads
+    from toolkit.backbones.head import FoldHeads
+    from toolkit.train.fold_heads import FoldSettings, fit_fold_heads
 
     keras.utils.set_random_seed(seed)
     model_heads = FoldHeads(held.shape[1], int(labels.max()) + 1)
@@ -90,16 +89,16 @@ def train(views: np.ndarray, labels: np.ndarray, held: np.ndarray, seed: int):
 
 
 def test_accuracy(model_heads, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    from toolkit.fold_heads import per_head_probabilities
+    from toolkit.train.fold_heads import per_head_probabilities
 
     probs = per_head_probabilities(model_heads.on_features(test_x.shape[1:]), test_x, 32).mean(axis=1)
     return float((probs.argmax(1) == test_y).mean())
 
 
 def compare(name: str, pool, views: np.ndarray, test_x, test_y, per_class: int | None, seeds: int) -> list[dict]:
-    from toolkit.datasets import stratified_split
-    from toolkit.folds import assign_folds, held_out, holdout_folds, out_of_fold
-    from toolkit.uncertainty import accuracy_interval
+    from toolkit.core.uncertainty import accuracy_interval
+    from toolkit.data.datasets import stratified_split
+    from toolkit.train.folds import assign_folds, held_out, holdout_folds, out_of_fold
 
     rows = []
     labels_all = np.asarray(pool.labels)
@@ -167,8 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs the shared datasets at {SHARED}")
-    from toolkit.augment import pca_statistics
-    from toolkit.datasets import load_splits
+    from toolkit.data.augment import pca_statistics
+    from toolkit.data.datasets import load_splits
 
     rows = []
     clothing = load_splits(SHARED / "clothing-small")
@@ -200,4 +199,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "cv")

@@ -15,7 +15,7 @@ model and the largest probability difference, file size, and single-thread laten
 of 20, after a warm-up).
 
 **Unknown classes** (which score `predict --unknown` uses, chosen here). mobilenet_v2 pooled
-features of each centre crop and its mirror image; 5-fold x 3 fold heads (`toolkit.fold_heads`) on the
+features of each centre crop and its mirror image; 5-fold x 3 fold heads (`toolkit.train.fold_heads`) on the
 known classes' training images. Two settings: clothing-small with 2 of its 10 classes (drawn with seed 0)
 held out of training, tested on its test images; hymenoptera (train/) with clothing-small's test photos as
 the unknowns, tested on val/. Candidates: 1 − max probability, entropy, Mahalanobis distance to the
@@ -24,8 +24,8 @@ global mean), cosine distance to the 1st and 5th nearest training image, to the 
 the predicted class (class knn5), energy (minus the log-sum-exp of the heads' logits), sums of two scores each
 normalised by the median and IQR of its out-of-fold values, and `max(a, b)`: the larger of two scores each
 normalised by its out-of-fold median and median-to-95th-percentile distance (`predict --unknown` ships
-`max(1 - max prob, class knn5)`, computed here with `toolkit.unknown`'s own functions). For each: AUROC (known
-vs unknown test images, with its 95 % bootstrap interval: `toolkit.uncertainty.auroc_interval`), and with the
+`max(1 - max prob, class knn5)`, computed here with `toolkit.predict.unknown`'s own functions). For each: AUROC (known
+vs unknown test images, with its 95 % bootstrap interval: `toolkit.core.uncertainty.auroc_interval`), and with the
 threshold at the 95th percentile of its out-of-fold values (the `auto` rule: 5 % of known images rejected)
 the rejection rate of known test images, of unknown ones, and the accuracy on the accepted known images.
 Out-of-fold: probabilities from the heads that never saw the image, feature statistics fitted without the
@@ -96,8 +96,8 @@ def pooled_views(split, backbone_name: str | None = None) -> np.ndarray:
     import dataclasses
 
     from toolkit import backbones
-    from toolkit.audit_data import centre_and_mirror_features
-    from toolkit.config import FinetuneConfig
+    from toolkit.config.settings import FinetuneConfig
+    from toolkit.train.probe import centre_and_mirror_features
 
     config = FinetuneConfig()
     if backbone_name:
@@ -107,7 +107,7 @@ def pooled_views(split, backbone_name: str | None = None) -> np.ndarray:
 
 
 def class_statistics(features: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class means, shared Ledoit-Wolf precision) of pooled features (what --unknown stored before session 7)."""
+    """(class means, shared Ledoit-Wolf precision) of pooled features (an earlier --unknown score, kept for comparison)."""
     from sklearn.covariance import LedoitWolf
 
     features = np.asarray(features, np.float64)
@@ -129,7 +129,7 @@ class FeatureScores:
         from sklearn.covariance import LedoitWolf
         from sklearn.neighbors import NearestNeighbors
 
-        from toolkit.unknown import unit_features
+        from toolkit.predict.unknown import unit_features
 
         self.means, self.precision = class_statistics(bank, y, int(y.max()) + 1)
         self.centre = bank.mean(0)
@@ -138,13 +138,13 @@ class FeatureScores:
         self.neighbours = NearestNeighbors(n_neighbors=2, metric="cosine").fit(self.unit.astype(np.float32))
 
     def __call__(self, f: np.ndarray, exclude_self: bool = False) -> dict[str, np.ndarray]:
-        from toolkit.unknown import neighbour_distance, unit_features
+        from toolkit.predict.unknown import neighbour_distance, unit_features
 
         d = mahalanobis_to_nearest(f, self.means, self.precision)
         g = mahalanobis_to_nearest(f, self.centre[None], self.global_precision)
         dist, _ = self.neighbours.kneighbors(unit_features(f))
         return {"mahalanobis": d, "relative mahalanobis": d - g, "knn1": dist[:, 1 if exclude_self else 0],
-                "knn5": neighbour_distance(f, self.unit, leave_one_out=exclude_self)}  # the distance shipped until session 9
+                "knn5": neighbour_distance(f, self.unit, leave_one_out=exclude_self)}  # an earlier score, kept for comparison
 
 
 def probability_scores(p: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,11 +156,12 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
     """Every candidate score in one setting, from :func:`pooled_views` of the training, known and unknown test images."""
     import keras
     from scipy.special import logsumexp
-    from toolkit.fold_heads import FoldSettings, fit_fold_heads, per_head_probabilities
-    from toolkit.folds import assign_folds, held_out, out_of_fold
-    from toolkit.head import FoldHeads
-    from toolkit.uncertainty import auroc, auroc_interval
-    from toolkit.unknown import class_neighbour_distance, combined, tail_scale
+
+    from toolkit.backbones.head import FoldHeads
+    from toolkit.core.uncertainty import auroc, auroc_interval
+    from toolkit.predict.unknown import class_neighbour_distance, combined, tail_scale
+    from toolkit.train.fold_heads import FoldSettings, fit_fold_heads, per_head_probabilities
+    from toolkit.train.folds import assign_folds, held_out, out_of_fold
 
     table = assign_folds(y_train, 5, 0, 3)
     held = held_out(table, 5)
@@ -212,7 +213,7 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
         s_known[key] = normalised(s_known, a) + normalised(s_known, b)
         s_unknown[key] = normalised(s_unknown, a) + normalised(s_unknown, b)
     for a, b in (("1 - max prob", "mahalanobis"), ("1 - max prob", "knn5"), ("1 - max prob", "class knn5"),
-                 ("energy", "knn5"), ("energy", "class knn5")):  # the rule shipped (toolkit.unknown): the third
+                 ("energy", "knn5"), ("energy", "class knn5")):  # the rule shipped (toolkit.predict.unknown): the third
         key, spread = f"max({a}, {b})", np.array([tail_scale(reference[a]), tail_scale(reference[b])])
         for scores in (reference, s_known, s_unknown):
             scores[key] = combined((scores[a], scores[b]), spread)
@@ -233,7 +234,7 @@ def unknown_setting(name: str, views: np.ndarray, y_train, known_views: np.ndarr
 def unknown_scores(pairs: int = 1, backbone: str | None = None) -> list[dict]:
     """Both settings; with ``pairs`` > 1, clothing-small once per held-out pair (drawn with seeds 0, 1, ...) and
     a summary over the pairs."""
-    from toolkit.datasets import load_splits
+    from toolkit.data.datasets import load_splits
 
     clothing, hymenoptera = load_splits(SHARED / "clothing-small"), load_splits(SHARED / "hymenoptera")
     c_train, c_test = pooled_views(clothing.train, backbone), pooled_views(clothing.test, backbone)
@@ -282,7 +283,7 @@ def unknown_end_to_end(backbone: str | None = None) -> None:
     hymenoptera; predicted on clothing's test/ and on hymenoptera's val/ plus clothing's test photos."""
     import pandas as pd
 
-    from toolkit.uncertainty import auroc, auroc_interval
+    from toolkit.core.uncertainty import auroc, auroc_interval
 
     clothing, hymenoptera, held = SHARED / "clothing-small", SHARED / "hymenoptera", ("shoes", "shorts")
     with tempfile.TemporaryDirectory() as tmp:
@@ -316,7 +317,7 @@ def unknown_end_to_end(backbone: str | None = None) -> None:
 
 
 def with_interval(value: float, interval: tuple[float, float]) -> str:
-    """``0.879 (0.84–0.92)``: an AUROC with its 95 % bootstrap interval (``toolkit.uncertainty.auroc_interval``), the
+    """``0.879 (0.84–0.92)``: an AUROC with its 95 % bootstrap interval (``toolkit.core.uncertainty.auroc_interval``), the
     bounds rounded outwards to 0.01 (so that 0.998 does not read "(1.00–1.00)")."""
     low, high = interval
     return f"{value:.3f} ({np.floor(low * 100 + 1e-9) / 100:.2f}–{np.ceil(high * 100 - 1e-9) / 100:.2f})"
@@ -357,10 +358,11 @@ def main() -> None:
 
 def formats(args) -> None:
     import tensorflow as tf
-    from toolkit.members import load_member
-    from toolkit.pipeline import eval_image
-    from toolkit.datasets import load_splits
-    from toolkit.uncertainty import accuracy_interval, difference_interval
+
+    from toolkit.core.uncertainty import accuracy_interval, difference_interval
+    from toolkit.data.datasets import load_splits
+    from toolkit.data.pipeline import eval_image
+    from toolkit.predict.members import load_member
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else Path(tmp) / "run"
@@ -375,7 +377,7 @@ def formats(args) -> None:
                       for p, j in zip(test.decode_paths, test.is_jpeg)]).astype(np.float32)
         labels = np.asarray(test.labels)
         keras_probs = np.concatenate([np.asarray(member.model(x[i:i + 32], training=False)) for i in range(0, len(x), 32)])
-        from toolkit.calibration import apply_temperature
+        from toolkit.predict.calibration import apply_temperature
 
         keras_probs = apply_temperature(keras_probs, member.temperature)
         keras_correct = keras_probs.argmax(1) == labels
@@ -413,5 +415,17 @@ def formats(args) -> None:
             print(json.dumps(rows, indent=1))
 
 
+def deploy_page(args: list[str]) -> str:
+    """The docs page of what ran: deploy-formats, deploy-unknown, deploy-unknown-e2e, or deploy-all."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--only="):
+            return "deploy-" + arg.split("=", 1)[1]
+        if arg == "--only" and i + 1 < len(args):
+            return "deploy-" + args[i + 1]
+    return "deploy-all"
+
+
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, deploy_page)

@@ -31,12 +31,12 @@ def main() -> None:
 
     import numpy as np
 
-    from toolkit.calibration import expected_calibration_error
-    from toolkit.datasets import load_splits
-    from toolkit.ensemble import finetune_ensemble
-    from toolkit.inference import predict_ensemble, predict_member
-    from toolkit.members import load_models
-    from toolkit.recipes import build_config
+    from toolkit.config.recipes import build_config
+    from toolkit.data.datasets import load_splits
+    from toolkit.predict.calibration import expected_calibration_error
+    from toolkit.predict.inference import predict_ensemble, predict_member
+    from toolkit.predict.members import load_models
+    from toolkit.train.ensemble import finetune_ensemble
 
     out = Path(tempfile.mkdtemp(prefix="bench-ensemble-")) / "ensemble"
     config = build_config(None, {"data": str(DATA), "freeze": args.freeze})
@@ -74,4 +74,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "ensemble")

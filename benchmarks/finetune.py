@@ -76,15 +76,15 @@ def toolkit_run(data: Path, eval_dir: Path, seed: int = 0) -> dict:
     import keras
     import numpy as np
 
-    from toolkit.datasets import load_splits
-    from toolkit.finetune import finetune
-    from toolkit.pipeline import make_dataset
-    from toolkit.recipes import build_config
+    from toolkit.api import train
+    from toolkit.config.recipes import build_config
+    from toolkit.data.datasets import load_splits
+    from toolkit.data.pipeline import make_dataset
 
     config = build_config(None, {"data": str(data), "freeze": "auto", "seed": seed})
     out = Path(tempfile.mkdtemp(prefix="bench-finetune-")) / "run"
     start = time.perf_counter()
-    result = finetune(config, out=out, verbose=2)
+    result = train(config, out=out, verbose=2)
     wall = time.perf_counter() - start
     accuracy = result.metrics["val_accuracy"]
     if eval_dir.name != "val":  # evaluate on the held-out test split
@@ -122,4 +122,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "finetune")

@@ -49,8 +49,8 @@ def test_accuracy(run: Path, image_size: int) -> float:
     import keras
     import numpy as np
 
-    from toolkit.datasets import load_splits
-    from toolkit.pipeline import make_dataset
+    from toolkit.data.datasets import load_splits
+    from toolkit.data.pipeline import make_dataset
 
     test = load_splits(DATA).test
     model = keras.models.load_model(run / "model.keras", safe_mode=True)
@@ -65,11 +65,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from toolkit.datasets import load_splits
-    from toolkit.finetune import finetune
-    from toolkit.freeze import plan_freeze
-    from toolkit.recipes import build_config
     from toolkit import backbones
+    from toolkit.api import train as finetune
+    from toolkit.config.recipes import build_config
+    from toolkit.data.datasets import load_splits
+    from toolkit.train.freeze import plan_freeze
 
     work = Path(tempfile.mkdtemp(prefix="bench-freeze-"))
     stages = [s.name for s in backbones.get_spec("mobilenet_v2").stages]
@@ -103,4 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "freeze")

@@ -3,12 +3,12 @@
     python benchmarks/pipeline.py DIR [--json] [--rounds 3] [--epochs 6]
 
 (a) decode_only              tf.io.decode_image + resize to 224 (no augmentation)
-(b) toolkit                  toolkit.pipeline training pipeline: random-resized crop (window-only
+(b) toolkit                  toolkit.data.pipeline training pipeline: random-resized crop (window-only
                              JPEG decode), mirror, RGB colour shift, PCA colour
 (c) keras                    keras.utils.image_dataset_from_directory (256 px) + RandomFlip,
                              RandomCrop(224), RandomBrightness, RandomContrast layers in .map
 (d) albumentations_threads   TF decode + albumentations Compose in tf.numpy_function (threads)
-(e) toolkit_albumentations   the same Compose in toolkit.workers worker processes
+(e) toolkit_albumentations   the same Compose in toolkit.data.workers worker processes
 
 (d) and (e) use the same Compose: RandomResizedCrop(224, scale 0.25-1), HorizontalFlip,
 RGBShift(±20), FancyPCA(0.1). Each candidate is built once per round and streams `--epochs` passes
@@ -55,13 +55,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="passes over the files per candidate and round")
     args = parser.parse_args()
 
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
 
-    from toolkit.augment import AugmentConfig, pca_statistics
-    from toolkit.datasets import load_splits
-    from toolkit.pipeline import make_dataset
-    from toolkit.workers import ProcessAugmentedDataset
+    from toolkit.data.augment import AugmentConfig, pca_statistics
+    from toolkit.data.datasets import load_splits
+    from toolkit.data.pipeline import make_dataset
+    from toolkit.data.workers import ProcessAugmentedDataset
 
     root = args.data / "train" if (args.data / "train").is_dir() else args.data
     splits = load_splits(root, val_fraction=0.01)
@@ -147,4 +147,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "pipeline")

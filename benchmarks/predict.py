@@ -4,7 +4,7 @@
 
 On the same images and batch size, in one run:
 * forward: the model on images already decoded and cropped in memory (the ceiling);
-* predict none: toolkit.inference.predict_member from files, centre crop (target >= 0.9x forward);
+* predict none: toolkit.predict.inference.predict_member from files, centre crop (target >= 0.9x forward);
 * predict 10crop: the same with 10-crop TTA (target: time <= 10x the centre crop);
 * start-up: predict_member on one image, start to finish (pipeline set-up, first decode, one
   forward pass at batch 1): the fixed cost of a call, which --images amortizes.
@@ -40,10 +40,10 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from toolkit.inference import collect_images, predict_member
-    from toolkit.members import load_member
-    from toolkit.pipeline import eval_image
-    from toolkit.verify import verify_files
+    from toolkit.data.pipeline import eval_image
+    from toolkit.data.verify import verify_files
+    from toolkit.predict.inference import collect_images, predict_member
+    from toolkit.predict.members import load_member
 
     member = load_member(args.run)
     records = [r for r in verify_files(collect_images([args.data])) if r.ok]
@@ -90,4 +90,6 @@ def main() -> None:
           ", ".join(f"{f / c:.3f} {t / c:.2f}" for f, c, t, _ in rounds))
 
 if __name__ == "__main__":
-    main()
+    import publish
+
+    publish.run(main, "predict")

@@ -71,7 +71,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(data, run): a small real dataset and a finished holdout run trained on it, shared by the tests that only
     read them (a test that changes the run works on ``run_copy``)."""
     from tests.badinput import photo_tree
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     root = tmp_path_factory.mktemp("trained")
     data = photo_tree(root / "data", 6)

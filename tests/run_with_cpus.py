@@ -6,8 +6,8 @@ GPUs: the logical devices must be configured before TensorFlow starts, so not in
 
 import sys
 
-from toolkit import distribute
-from toolkit.cli import main
+from toolkit.cli.main import main
+from toolkit.train import distribute
 
 if __name__ == "__main__":
     distribute.use_logical_cpus(int(sys.argv[1]))

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from toolkit import augment
-from toolkit.augment import AugmentConfig
-from toolkit.datasets import load_splits
-from toolkit.pipeline import make_dataset
+from toolkit.data import augment
+from toolkit.data.augment import AugmentConfig
+from toolkit.data.datasets import load_splits
+from toolkit.data.pipeline import make_dataset
 
 N = 4000
 PCA = {
@@ -168,7 +168,7 @@ def test_every_op_can_be_switched_off(small_split):
 
 
 def test_pipelines_run_without_the_tf_data_autotuner(small_split):
-    """With the autotuner on, deleting an iterator could block for seconds (toolkit.pipeline.finish)."""
+    """With the autotuner on, deleting an iterator could block for seconds (toolkit.data.pipeline.finish)."""
     for training in (True, False):
         ds = make_dataset(small_split, 64, 8, training=training)
         assert ds.options().autotune.enabled is False

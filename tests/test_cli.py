@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from toolkit.cli import build_parser, main
+from toolkit.cli.main import build_parser, main
 
 
 def test_help_of_every_subcommand_is_complete():
@@ -20,7 +20,7 @@ def test_help_of_every_subcommand_is_complete():
     for command in ("finetune", "backbones", "inspect"):
         assert command in top
     finetune_help = subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", "finetune", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "toolkit.cli.main", "finetune", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--data", "--recipe", "--backbone", "--weights", "--freeze", "--head-epochs", "--finetune-epochs",
                  "--seed", "--out", "--overwrite", "--resume", "--min-accuracy", "--mixed-precision", "--val-fraction"):
@@ -32,10 +32,10 @@ def test_help_defaults_are_the_values_a_run_without_flags_records(tmp_path):
     with no flags writes (the default recipe over the fields' own defaults), for every setting."""
     import argparse
 
-    from toolkit import runs
-    from toolkit.cli_flags import setting_keys
-    from toolkit.recipes import build_config, config_to_dict
-    from toolkit.run_state import prepare_config
+    from toolkit.cli.flags import setting_keys
+    from toolkit.config.recipes import build_config, config_to_dict
+    from toolkit.core import runs
+    from toolkit.train.run_state import prepare_config
 
     finetune = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["finetune"]
     shown = {}
@@ -117,7 +117,7 @@ def test_finetune_trains_on_real_images_and_writes_a_loadable_run(sample_data, t
 
 def test_help_and_argument_errors_do_not_import_tensorflow():
     """`toolkit --help`, each command's --help and a bad flag: no TensorFlow import, no C++ log line."""
-    code = ("import sys; from toolkit.cli import main\n"
+    code = ("import sys; from toolkit.cli.main import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print('TF_LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'TF_ABSENT')")
     for argv in (["--help"], ["finetune", "--help"], ["predict", "--help"], ["inspect", "--help"],
@@ -131,8 +131,8 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
 def test_every_setting_is_a_flag_and_set_takes_dotted_keys():
     import dataclasses
 
-    from toolkit.cli_flags import parse_set, setting_keys
-    from toolkit.config import FinetuneConfig
+    from toolkit.cli.flags import parse_set, setting_keys
+    from toolkit.config.settings import FinetuneConfig
 
     help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     for key in setting_keys():

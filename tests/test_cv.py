@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import kill_after_epochs, shared_dataset
-from toolkit.errors import UserError
-from toolkit.folds import assign_folds, held_out, out_of_fold, parse_cv, plan_folds, training_mask
+from toolkit.config.choices import parse_cv
+from toolkit.core.errors import UserError
+from toolkit.train.folds import assign_folds, held_out, out_of_fold, plan_folds, training_mask
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "6"]
@@ -47,8 +48,8 @@ def test_a_head_never_trains_on_its_own_fold_and_out_of_fold_averages_only_those
 def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_image():
     """Noise features with random labels: a head memorises what it trains on, and knows nothing of the rest.
     Out-of-fold accuracy is chance; the same images scored by heads that trained on them are all right."""
-    from toolkit.fold_heads import FoldSettings, fit_fold_heads
-    from toolkit.head import FoldHeads
+    from toolkit.backbones.head import FoldHeads
+    from toolkit.train.fold_heads import FoldSettings, fit_fold_heads
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 100)
@@ -66,7 +67,7 @@ def test_the_k_head_model_is_the_mean_of_its_heads_run_separately(tmp_path, bott
     import keras
 
     from toolkit import backbones
-    from toolkit.head import NINHead, FoldHeads, build_classifier
+    from toolkit.backbones.head import FoldHeads, NINHead, build_classifier
 
     backbone = backbones.create("mobilenet_v2", input_shape=(None, None, 3))
     heads = FoldHeads(3, 4, bottleneck=bottleneck)
@@ -109,7 +110,7 @@ def test_cv_flag_values_and_fold_plans():
 
 @pytest.mark.parametrize("value", ["1", "0", "99"])
 def test_bad_cv_is_one_line_naming_the_value_and_range(sample_data, tmp_path, capsys, value):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(sample_data), "--out", str(out), "--cv", value] + FAST) == 2
@@ -121,7 +122,7 @@ def test_bad_cv_is_one_line_naming_the_value_and_range(sample_data, tmp_path, ca
 
 @pytest.mark.slow
 def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     run = tmp_path / "run"
     assert main(["finetune", "--data", str(sample_data), "--out", str(run)] + FAST) == 0  # --cv auto: 5 folds here
@@ -146,7 +147,7 @@ def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cv_with_backbone_stages_training_is_an_ensemble_of_fold_members(sample_data, tmp_path, capsys):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     out = tmp_path / "cv"
     assert main(["finetune", "--data", str(sample_data), "--out", str(out), "--cv", "2", "--freeze", "stage7",
@@ -167,11 +168,11 @@ def test_cv_with_backbone_stages_training_is_an_ensemble_of_fold_members(sample_
 
 @pytest.mark.slow
 def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
-    from toolkit.finetune import finetune
-    from toolkit.recipes import build_config
+    from toolkit.api import train
+    from toolkit.config.recipes import build_config
 
     settings = {"data": str(sample_data), "image_size": 96, "batch_size": 16, "head_epochs": 4, "freeze": "all"}
-    result = finetune(build_config(None, {**settings, "cv": "off"}), out=tmp_path / "off", verbose=0)
+    result = train(build_config(None, {**settings, "cv": "off"}), out=tmp_path / "off", verbose=0)
     assert "cv" not in result.metrics and result.metrics["n_val"] == 20  # the 20 % holdout of 96 images
     state = json.loads((tmp_path / "off" / "state.json").read_text())
     assert set(state) >= {"head"} and "cv" not in state
@@ -181,7 +182,7 @@ def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
 @pytest.mark.slow
 def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(sample_data), "--out", str(run), "--cv", "3",
+    cmd = [sys.executable, "-m", "toolkit.cli.main", "finetune", "--data", str(sample_data), "--out", str(run), "--cv", "3",
            "--image-size", "96", "--batch-size", "4", "--head-epochs", "40", "--early-stopping-patience", "40",
            "--cache-views", "8"]
     state_file = run / "state.json"
@@ -189,7 +190,7 @@ def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
     assert not (run / "model.keras").exists()
     best_before = json.loads(state_file.read_text())["cv"]["fold_best_epoch"]
 
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     assert main(["finetune", "--resume", str(run)]) == 0
     state = json.loads(state_file.read_text())
@@ -204,7 +205,7 @@ def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
 def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path):
     from PIL import Image
 
-    from toolkit.audit_data import AUDIT_BACKBONES, audit_data
+    from toolkit.api.audit import AUDIT_BACKBONES, audit_data
 
     source = shared_dataset("hymenoptera") / "train"
     data = tmp_path / "data"
@@ -236,7 +237,7 @@ def test_audit_flags_the_labels_with_the_lowest_out_of_fold_probability():
     """An image labelled 1 whose given label has the lowest probability of all, but whose predicted class 0 falls
     short of class 0's mean self-confidence: cleanlab's default filter (prune_by_noise_rate) does not count it as
     wrong, and flags only the confidently contradicted ones; the audit ranks by the given label's probability."""
-    from toolkit.audit import AuditInput, find_issues
+    from toolkit.data.audit import AuditInput, find_issues
 
     n = 60
     labels = np.repeat([0, 1, 2], n)
@@ -262,7 +263,7 @@ def test_audit_with_two_classes_calibrates_the_count_of_label_issues():
     images labelled 1 that are really 0 get p(0) = 0.75, short of class 0's mean 0.9, so they are not counted."""
     from cleanlab.count import num_label_issues
 
-    from toolkit.audit import AuditInput, find_issues
+    from toolkit.data.audit import AuditInput, find_issues
 
     rng = np.random.default_rng(0)
     n = 100
@@ -280,8 +281,8 @@ def test_audit_with_two_classes_calibrates_the_count_of_label_issues():
 
 
 def test_audit_help_names_the_default_probes(capsys):
-    from toolkit.audit_data import AUDIT_BACKBONES
-    from toolkit.cli import main
+    from toolkit.api.audit import AUDIT_BACKBONES
+    from toolkit.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["audit", "--help"])
@@ -297,7 +298,7 @@ def test_audit_help_names_the_default_probes(capsys):
     (["--backbones", "mobilenet_v2", "--model", "{data}"], "--backbones and --model both"),
 ])
 def test_audit_bad_input_is_one_line_and_leaves_nothing(sample_data, tmp_path, capsys, argv, expected):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     args = {"--data": str(sample_data), "--out": str(tmp_path / "audit")}
     for flag, value in zip(argv[::2], argv[1::2]):

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toolkit.datasets import DatasetError, load_splits, stratified_split
-
 from tests.conftest import shared_dataset
+from toolkit.data.datasets import DatasetError, load_splits, stratified_split
 
 
 def _tree(root: Path, counts: dict[str, int]) -> Path:

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_dataset
-from toolkit.distribute import evaluation_length, padded, read_tf_config, shard
-from toolkit.recipes import RecipeError, build_config
+from toolkit.config.recipes import RecipeError, build_config
+from toolkit.train.distribute import evaluation_length, padded, read_tf_config, shard
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_S = 420  # per process; a hung collective fails the test instead of hanging CI
@@ -68,10 +68,10 @@ def test_strategy_and_data_service_settings_are_checked(tmp_path):
         build_config(None, {"data": "d", "strategy": "mirror"})
     with pytest.raises(RecipeError, match=r"grpc://host:port. Received: data_service='localhost'"):
         build_config(None, {"data": "d", "data_service": "localhost"})
-    from toolkit.finetune import finetune
+    from toolkit.api import train
 
     with pytest.raises(ValueError, match="multi-worker needs --out"):
-        finetune(build_config(None, {"data": str(tmp_path), "strategy": "multi-worker"}))
+        train(build_config(None, {"data": str(tmp_path), "strategy": "multi-worker"}))
 
 
 # ----------------------------------------------------------------------------- processes
@@ -115,7 +115,7 @@ def _start_workers(args: list[str], tmp: Path, tag: str, count: int = 2) -> tupl
         log = tmp / f"{tag}-worker{index}.log"
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         with open(log, "w") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "toolkit.cli", *args], cwd=REPO, stdout=out,
+            procs.append(subprocess.Popen([sys.executable, "-m", "toolkit.cli.main", *args], cwd=REPO, stdout=out,
                                           stderr=subprocess.STDOUT, env=_env(TF_CONFIG=tf_config)))
         logs.append(log)
     return procs, logs
@@ -170,11 +170,11 @@ def hymenoptera_subset(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def one_process_accuracy(hymenoptera_subset, tmp_path_factory) -> float:
-    from toolkit.finetune import finetune
+    from toolkit.api import train
 
     manifest, recipe = hymenoptera_subset
     out = tmp_path_factory.mktemp("one-process") / "run"
-    result = finetune(build_config(recipe, {"data": str(manifest), "strategy": "default"}), out=out, verbose=0)
+    result = train(build_config(recipe, {"data": str(manifest), "strategy": "default"}), out=out, verbose=0)
     assert result.metrics["strategy"]["replicas"] == 1
     return result.metrics["val_accuracy"]
 
@@ -185,7 +185,7 @@ def _subset_finetune_args(subset: tuple[Path, Path], out: Path, strategy: str) -
 
 
 def _assert_same_accuracy(metrics: dict, one_process: float, label: str) -> None:
-    """The issue's bar: the same validation accuracy as one process, within 2 points."""
+    """The bar for distribution: the same validation accuracy as one process, within 2 points."""
     print(f"validation accuracy: one process {one_process:.4f}, {label} {metrics['val_accuracy']:.4f}")
     assert abs(metrics["val_accuracy"] - one_process) <= 0.02, (metrics["val_accuracy"], one_process)
 
@@ -263,10 +263,10 @@ def test_two_workers_resume_after_both_are_killed(sample_data, tmp_path):
 
 @pytest.mark.slow
 def test_training_images_can_come_from_a_tf_data_service_on_loopback(sample_data, tmp_path):
-    from toolkit import distribute
-    from toolkit.datasets import load_splits
-    from toolkit.finetune import finetune
-    from toolkit.pipeline import make_dataset
+    from toolkit.api import train
+    from toolkit.data.datasets import load_splits
+    from toolkit.data.pipeline import make_dataset
+    from toolkit.train import distribute
 
     dispatcher = distribute.start_dispatcher(0)
     worker = distribute.start_worker(dispatcher.target, 0)
@@ -284,7 +284,7 @@ def test_training_images_can_come_from_a_tf_data_service_on_loopback(sample_data
 
     config = build_config(None, {"data": str(sample_data), "image_size": 96, "batch_size": 16, "head_epochs": 8,
                                  "freeze": "all", "cache_features": "off", "data_service": dispatcher.target})
-    result = finetune(config, out=tmp_path / "run", verbose=0)
+    result = train(config, out=tmp_path / "run", verbose=0)
     assert result.metrics["val_accuracy"] >= 0.7
     recipe = (tmp_path / "run" / "recipe.toml").read_text()
     assert f'data_service = "{dispatcher.target}"' in recipe
@@ -292,7 +292,7 @@ def test_training_images_can_come_from_a_tf_data_service_on_loopback(sample_data
 
 def test_data_service_command_starts_a_dispatcher(tmp_path):
     port = _free_ports(1)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "data-service", "dispatcher", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli.main", "data-service", "dispatcher", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
     try:
         line = proc.stdout.readline()

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import kill_after_epochs
-from toolkit.finetune import AccuracyGateError, finetune
-from toolkit.fit_data import class_weights
-from toolkit.stages import stage_lr_multipliers
-from toolkit.freeze import plan_freeze
-from toolkit.recipes import RecipeError, build_config, read_recipe
+from toolkit.api import train
+from toolkit.config.recipes import RecipeError, build_config, read_recipe
+from toolkit.train.fit_data import class_weights
+from toolkit.train.freeze import plan_freeze
+from toolkit.train.run_state import AccuracyGateError
+from toolkit.train.stages import stage_lr_multipliers
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"image_size": 96, "batch_size": 16, "head_epochs": 8, "finetune_epochs": 2}
@@ -44,7 +45,7 @@ def test_layerwise_learning_rates_apply_with_and_without_a_strategy(distributed)
     import keras
     import tensorflow as tf
 
-    from toolkit.stages import LayerwiseAdam
+    from toolkit.train.stages import LayerwiseAdam
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed else tf.distribute.get_strategy()
     with strategy.scope():
@@ -68,7 +69,7 @@ def test_mixed_precision_computes_in_float16_and_leaves_the_global_policy_alone(
     probabilities, both stages train, and Keras' process-wide dtype policy is restored afterwards."""
     import keras
 
-    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=1, mixed_precision=True),
+    result = train(_config(sample_data, freeze="stage7", finetune_epochs=1, mixed_precision=True),
                       out=tmp_path / "run", verbose=0)
     assert keras.mixed_precision.global_policy().name == "float32"
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
@@ -83,8 +84,8 @@ def test_mixed_precision_computes_in_float16_and_leaves_the_global_policy_alone(
 
 @pytest.mark.slow
 def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_data, tmp_path):
-    cached = finetune(_config(sample_data, freeze="all", cv="off"), out=tmp_path / "cached", verbose=0)
-    uncached = finetune(_config(sample_data, freeze="all", cache_features="off"), out=tmp_path / "images", verbose=0)
+    cached = train(_config(sample_data, freeze="all", cv="off"), out=tmp_path / "cached", verbose=0)
+    uncached = train(_config(sample_data, freeze="all", cache_features="off"), out=tmp_path / "images", verbose=0)
     assert (tmp_path / "cached" / "cache" / "features.npz").is_file()
     assert not (tmp_path / "images" / "cache").exists()
     a, b = cached.metrics["val_accuracy"], uncached.metrics["val_accuracy"]
@@ -94,8 +95,8 @@ def test_feature_caching_reaches_the_same_accuracy_as_training_on_images(sample_
 
 @pytest.mark.slow
 def test_same_seed_same_run(sample_data, tmp_path):
-    first = finetune(_config(sample_data, freeze="all", seed=3), out=tmp_path / "a", verbose=0)
-    second = finetune(_config(sample_data, freeze="all", seed=3), out=tmp_path / "b", verbose=0)
+    first = train(_config(sample_data, freeze="all", seed=3), out=tmp_path / "a", verbose=0)
+    second = train(_config(sample_data, freeze="all", seed=3), out=tmp_path / "b", verbose=0)
     assert first.metrics["val_accuracy"] == second.metrics["val_accuracy"]
     assert first.metrics["val_loss"] == pytest.approx(second.metrics["val_loss"], abs=1e-6)
     h1 = (tmp_path / "a" / "history.csv").read_text()
@@ -109,7 +110,7 @@ def test_two_stages_train_only_the_unfrozen_stages(sample_data, tmp_path):
 
     from toolkit import backbones
 
-    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=2), out=tmp_path / "run", verbose=0)
+    result = train(_config(sample_data, freeze="stage7", finetune_epochs=2), out=tmp_path / "run", verbose=0)
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert any(line.startswith("finetune,") for line in history) and any(line.startswith("head,") for line in history)
     assert result.plan.unfrozen == 1
@@ -141,7 +142,7 @@ def test_a_stage_2_that_does_not_help_is_not_kept(sample_data, tmp_path):
     from toolkit import backbones
 
     # A learning rate far too high: fine-tuning wrecks the top stage, its validation loss never beats stage 1's.
-    result = finetune(_config(sample_data, freeze="stage7", finetune_epochs=2, finetune_lr=50.0), out=tmp_path / "run",
+    result = train(_config(sample_data, freeze="stage7", finetune_epochs=2, finetune_lr=50.0), out=tmp_path / "run",
                       verbose=0)
     assert result.metrics["kept_stage"] == "head"
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
@@ -155,14 +156,14 @@ def test_a_stage_2_that_does_not_help_is_not_kept(sample_data, tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill_loses_at_most_one_epoch(sample_data, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(sample_data), "--out", str(run),
+    cmd = [sys.executable, "-m", "toolkit.cli.main", "finetune", "--data", str(sample_data), "--out", str(run),
            "--image-size", "96", "--batch-size", "16", "--head-epochs", "3", "--freeze", "stage7",
            "--finetune-epochs", "6", "--finetune-lr", "0.0001"]
     state_file = run / "state.json"
     killed_after = kill_after_epochs(cmd, state_file, "finetune")
     assert not (run / "model.keras").exists()
 
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     assert main(["finetune", "--resume", str(run)]) == 0
     state = json.loads(state_file.read_text())
@@ -175,7 +176,7 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(sample_data, tmp_path):
 
 @pytest.mark.slow
 def test_accuracy_gate_fails_the_run_but_keeps_the_model(sample_data, tmp_path, capsys):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     out = tmp_path / "gate"
     code = main(["finetune", "--data", str(sample_data), "--out", str(out), "--image-size", "96",
@@ -184,12 +185,12 @@ def test_accuracy_gate_fails_the_run_but_keeps_the_model(sample_data, tmp_path, 
     assert "below --min-accuracy 1.0" in capsys.readouterr().err
     assert (out / "model.keras").is_file() and (out / "metrics.json").is_file()
     with pytest.raises(AccuracyGateError):
-        finetune(_config(sample_data, freeze="all", head_epochs=1, weights="none", min_accuracy=1.0),
+        train(_config(sample_data, freeze="all", head_epochs=1, weights="none", min_accuracy=1.0),
                  out=tmp_path / "gate2", verbose=0)
 
 
 def test_recipes_shipped_parse_and_state_their_expected_result():
-    from toolkit.recipes import RECIPE_DIR, recipe_names
+    from toolkit.config.recipes import RECIPE_DIR, recipe_names
 
     assert set(recipe_names()) >= {"quick", "small-data", "accurate"}
     for name in recipe_names():

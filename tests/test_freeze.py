@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from toolkit import backbones
-from toolkit.freeze import AUTO_RULE, apply_plan, plan_freeze
-from toolkit.head import BACKBONE, NINHead, build_classifier
+from toolkit.backbones.head import BACKBONE, NINHead, build_classifier
+from toolkit.train.freeze import AUTO_RULE, apply_plan, plan_freeze
 
 STAGES = tuple(f"stage{i}" for i in range(1, 8))
 

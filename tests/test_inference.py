@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import sys
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from toolkit.calibration import apply_temperature, calibrate, expected_calibration_error, fit_temperature, nll
-from toolkit.inference import predict_ensemble, predict_member, tta_views
-from toolkit.members import ModelMismatchError, load_models
-from toolkit.pipeline import eval_image, resize
+from toolkit.data.pipeline import eval_image, resize
+from toolkit.predict.calibration import apply_temperature, calibrate, expected_calibration_error, fit_temperature, nll
+from toolkit.predict.inference import predict_ensemble, predict_member, tta_views
+from toolkit.predict.members import ModelMismatchError, load_models
 
 
 def _png_bytes(array: np.ndarray) -> tf.Tensor:
@@ -82,19 +82,19 @@ def test_calibration_lowers_nll_and_ece_of_an_overconfident_model():
 
 @pytest.fixture(scope="module")
 def runs_trained(sample_data, tmp_path_factory):
-    from toolkit.finetune import finetune
-    from toolkit.recipes import build_config
+    from toolkit.api import train
+    from toolkit.config.recipes import build_config
 
     root = tmp_path_factory.mktemp("models")
     common = {"data": str(sample_data), "freeze": "all", "image_size": 96, "head_epochs": 12, "cache_views": 4}
-    a = finetune(build_config(None, {**common, "seed": 1}), out=root / "a", verbose=0).run_dir
-    b = finetune(build_config(None, {**common, "seed": 2, "backbone": "efficientnet_lite0"}), out=root / "b", verbose=0).run_dir
+    a = train(build_config(None, {**common, "seed": 1}), out=root / "a", verbose=0).path
+    b = train(build_config(None, {**common, "seed": 2, "backbone": "efficientnet_lite0"}), out=root / "b", verbose=0).path
     three = root / "three-classes"
     for cls in ("circle", "square", "star"):
         (three / cls).mkdir(parents=True)
         for f in sorted((Path(sample_data) / cls).iterdir())[:10]:
             (three / cls / f.name).write_bytes(f.read_bytes())
-    c = finetune(build_config(None, {**common, "data": str(three), "head_epochs": 2}), out=root / "c", verbose=0).run_dir
+    c = train(build_config(None, {**common, "data": str(three), "head_epochs": 2}), out=root / "c", verbose=0).path
     return a, b, c
 
 
@@ -132,7 +132,7 @@ def test_ten_crop_batches_views_and_agrees_with_itself(runs_trained, sample_data
 
 @pytest.mark.slow
 def test_predict_csv_columns_and_unreadable_rows(runs_trained, sample_data, tmp_path, capsys):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     a, b, _ = runs_trained
     images = tmp_path / "imgs"
@@ -158,7 +158,7 @@ def test_predict_csv_columns_and_unreadable_rows(runs_trained, sample_data, tmp_
 
 @pytest.mark.slow
 def test_evaluate_writes_every_report(runs_trained, sample_data, tmp_path):
-    from toolkit.evaluate import evaluate
+    from toolkit.predict.evaluate import evaluate
 
     a, _, _ = runs_trained
     m = evaluate([str(a)], str(sample_data), tmp_path / "eval", verbose=0)
@@ -175,8 +175,8 @@ def test_cam_peaks_on_the_object(runs_trained, tmp_path):
     """A circle drawn at a known place on a plain background: the CAM's peak lies on it."""
     from PIL import ImageDraw
 
-    from toolkit.explain import class_activation_map, explain
-    from toolkit.members import load_member
+    from toolkit.predict.explain import class_activation_map, explain
+    from toolkit.predict.members import load_member
 
     member = load_member(runs_trained[0])
     hits = 0
@@ -217,8 +217,8 @@ def _run_exported(fmt: str, target, x: np.ndarray) -> np.ndarray:
 def test_exported_models_give_what_predict_gives(runs_trained, sample_data, tmp_path, fmt):
     """The whole predictor travels: the exported file, on the centre crop, gives `predict`'s probabilities,
     the run's temperature included (stated tolerance: 1e-4 on probabilities)."""
-    from toolkit.export import export
-    from toolkit.members import load_member
+    from toolkit.deploy.export import export
+    from toolkit.predict.members import load_member
 
     member = load_member(runs_trained[0])
     assert member.temperature != 1.0  # so the check covers the temperature
@@ -237,9 +237,9 @@ def test_exported_models_give_what_predict_gives(runs_trained, sample_data, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tflite-int8", "tflite-fp16"])
 def test_quantized_exports_measure_themselves(runs_trained, sample_data, tmp_path, fmt, monkeypatch):
-    from toolkit import quantize
-    from toolkit.evaluate import evaluation_split
-    from toolkit.export import export
+    from toolkit.deploy import quantize
+    from toolkit.deploy.export import export
+    from toolkit.predict.evaluate import evaluation_split
 
     kind = fmt.split("-")[1]
     monkeypatch.setattr(quantize, "CALIBRATION_IMAGES", 10)  # the sample's few images: three different draws
@@ -265,7 +265,7 @@ def test_quantized_exports_measure_themselves(runs_trained, sample_data, tmp_pat
 
 
 def test_int8_calibration_draws_leave_the_check_images_out():
-    from toolkit.quantize import CALIBRATION_DRAWS, calibration_draws
+    from toolkit.deploy.quantize import CALIBRATION_DRAWS, calibration_draws
 
     for n in (3000, 400, 60):
         check, draws = calibration_draws(n, seed=0)
@@ -283,7 +283,7 @@ def test_int8_calibration_draws_leave_the_check_images_out():
 
 @pytest.mark.slow
 def test_onnx_export_says_how_to_get_it_when_missing(runs_trained, tmp_path, monkeypatch):
-    from toolkit.export import ExportUnavailableError, export
+    from toolkit.deploy.export import ExportUnavailableError, export
 
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if not installed
     with pytest.raises(ExportUnavailableError, match=r'pip install "toolkit-finetune\[onnx\]"'):

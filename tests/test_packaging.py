@@ -45,6 +45,10 @@ def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
                             "'tensorflow' in sys.modules)"], env=env, cwd=elsewhere, capture_output=True, text=True,
                            check=True).stdout.split()
     assert where[0].startswith(str(target)) and where[1:] == ["0.1.0", "False"], where
+    lazy = subprocess.run([sys.executable, "-c", "import toolkit, sys; toolkit.finetune; toolkit.Run; "
+                           "assert 'tensorflow' not in sys.modules"], env=env, cwd=elsewhere, capture_output=True,
+                          text=True)
+    assert lazy.returncode == 0, lazy.stderr[-2000:]
     done = subprocess.run([str(target / "bin" / "toolkit"), "finetune", "--data", str(sample_data), "--epochs", "1",
                            "--img-size", "64", "--out", "out"], env=env, cwd=elsewhere, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -56,3 +60,26 @@ def test_the_wheel_runs_finetune_from_any_directory(sample_data, tmp_path):
     assert not shipped.is_symlink() and sorted(p.name for p in shipped.iterdir()) == sorted(
         p.name for p in (REPO / "recipes").glob("*.toml"))
     assert all((shipped / p.name).read_bytes() == p.read_bytes() for p in (REPO / "recipes").glob("*.toml"))
+    _readme_python_tour_runs(env, tmp_path / "tour", sample_data)
+
+
+def readme_python_blocks(readme: str) -> list[str]:
+    """The ```python blocks of the README's "## Python" section, in order."""
+    section = readme.split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```python\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+def _readme_python_tour_runs(env: dict, folder: Path, sample_data: Path) -> None:
+    """The README's Python tour, as written, from the installed wheel, outside the repository (its data/sample is
+    the generated sample)."""
+    blocks = readme_python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+    assert blocks and "toolkit.finetune(" in blocks[0]
+    (folder / "data").mkdir(parents=True)
+    os.symlink(sample_data, folder / "data" / "sample")
+    (folder / "tour.py").write_text("\n".join(blocks), encoding="utf-8")
+    done = subprocess.run([sys.executable, "tour.py"], env=env, cwd=folder, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "expected accuracy on new images" in done.stdout and "model.onnx" in done.stdout, done.stdout[-2000:]
+    assert (folder / "runs" / "sample-python" / "model.keras").is_file()
+    assert (folder / "exports" / "sample" / "model.onnx").is_file()

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.badinput import photo_tree
 from tests.conftest import TINY, kill_after_epochs
 from tests.test_safety import digest, run_cli, unfinished
-from toolkit import outputs, runs
-from toolkit.cli import main
+from toolkit.cli.main import main
+from toolkit.core import outputs, paths, runs
 
 
 def user_folder(path: Path) -> Path:
@@ -37,7 +38,7 @@ def user_folder(path: Path) -> Path:
 
 def staged_beside(run: Path, target: Path) -> Path:
     """``run`` moved to where an interrupted ``--overwrite`` of ``target`` would have left it."""
-    stage = target.with_name(outputs.staging_name(target))
+    stage = target.with_name(paths.staging_name(target))
     shutil.move(run, stage)
     return stage
 
@@ -76,10 +77,10 @@ def test_the_swap_rechecks_the_folder_it_replaces(trained, run_copy, tmp_path, c
     """--overwrite killed mid-run; the user then adds a file to the old run: the swap keeps it, and the next
     --resume, once it is moved out, puts the new run in place."""
     data, _ = trained
-    cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--data", str(data), "--out", str(run_copy), "--overwrite",
+    cmd = [sys.executable, "-m", "toolkit.cli.main", "finetune", "--data", str(data), "--out", str(run_copy), "--overwrite",
            "--image-size", "64", "--batch-size", "8", "--freeze", "all", "--head-epochs", "40", "--seed", "4",
            "--cv", "off", "--early-stopping-patience", "40"]
-    stage = run_copy.with_name(outputs.staging_name(run_copy))
+    stage = run_copy.with_name(paths.staging_name(run_copy))
     assert kill_after_epochs(cmd, stage / "state.json", "head", epochs=1) >= 1
     (run_copy / "notes.txt").write_text("mine")
     before = digest(run_copy)
@@ -171,7 +172,7 @@ def test_ensemble_json_cannot_name_a_folder_to_replace_or_members_outside(traine
 def test_no_crafted_state_file_loses_a_users_byte(tmp_path, data):
     """Property: whatever state.json says it replaces, and whatever is beside it, resuming's checks (read_state,
     then the swap) never remove or change a file that toolkit did not write."""
-    from toolkit.run_state import read_state, swap_in
+    from toolkit.train.run_state import read_state, swap_in
 
     base = Path(tempfile.mkdtemp(dir=tmp_path))
     user = user_folder(base / "mine")  # unmarked
@@ -185,7 +186,7 @@ def test_no_crafted_state_file_loses_a_users_byte(tmp_path, data):
     (clean / runs.METRICS_FILE).write_text("{}")
     names = ["mine", "theirs", "clean", "absent", "..", ".", "", "mine/sub", "../mine", str(user), "/"]
     target = data.draw(st.sampled_from(["mine", "theirs", "clean", "absent", "x" * 300]))
-    stage = base / outputs.staging_name(Path(target))
+    stage = base / paths.staging_name(Path(target))
     stage.mkdir()
     outputs.mark(stage, data.draw(st.sampled_from(["run", "ensemble", "evaluation"])))
     name = st.one_of(st.sampled_from(names), st.text(string.printable, max_size=20))
@@ -221,7 +222,7 @@ def test_file_names_that_are_not_utf8_are_rows_not_crashes(trained, run_copy, tm
 
 
 def test_a_file_rewritten_with_the_same_size_and_mtime_is_verified_again(tmp_path):
-    from toolkit.verify import VerificationCache, verify_files
+    from toolkit.data.verify import VerificationCache, verify_files
 
     data = photo_tree(tmp_path / "data", 1)
     path = data / "a" / "0.jpg"
@@ -334,7 +335,7 @@ def test_a_huge_sparse_file_is_a_row_never_read(run_copy, tmp_path, capsys):
 def test_a_model_file_with_a_huge_json_member_is_refused_before_keras_reads_it(run_copy, tmp_path, capsys):
     import zipfile
 
-    from toolkit.members import MAX_KERAS_JSON_BYTES
+    from toolkit.predict.members import MAX_KERAS_JSON_BYTES
 
     model = run_copy / runs.MODEL_FILE
     with zipfile.ZipFile(model, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -401,7 +402,7 @@ def test_predict_weights_are_checked(trained, run_copy, tmp_path, capsys):
 
 
 def test_crafted_unknown_statistics_are_refused(run_copy, tmp_path, capsys):
-    from toolkit.unknown import load_scorer
+    from toolkit.predict.unknown import load_scorer
 
     path = run_copy / runs.UNKNOWN_FILE
     with np.load(path) as saved:
@@ -466,7 +467,6 @@ def test_inspect_and_predict_numbers_are_checked(trained, run_copy, tmp_path, ca
 
 def test_pca_and_class_lists_of_a_run_are_checked(run_copy, tmp_path, capsys):
     unfinished(run_copy)
-    before = digest(run_copy)
     for pca in ({"eigenvalues": [1, 2], "eigenvectors": [[1]]}, {"eigenvalues": ["x"] * 3}, [], {}):
         (run_copy / runs.PCA_FILE).write_text(json.dumps(pca))
         code, err = run_cli(capsys, "finetune", "--resume", run_copy)
@@ -476,11 +476,12 @@ def test_pca_and_class_lists_of_a_run_are_checked(run_copy, tmp_path, capsys):
     code, err = run_cli(capsys, "predict", "--model", run_copy, "--images", run_copy / runs.CURVES_FILE, "--out",
                         tmp_path / "p.csv")
     assert code == 2 and "distinct class names" in err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_a_leftover_staging_folder_with_user_files_is_not_emptied(trained, run_copy, tmp_path, capsys):
     data, _ = trained
-    stage = run_copy.with_name(outputs.staging_name(run_copy))
+    stage = run_copy.with_name(paths.staging_name(run_copy))
     stage.mkdir()
     outputs.mark(stage, "evaluation")
     (stage / "mine.txt").write_text("mine")
@@ -489,7 +490,7 @@ def test_a_leftover_staging_folder_with_user_files_is_not_emptied(trained, run_c
 
 
 def test_a_crafted_verification_cache_cannot_point_at_another_file(tmp_path):
-    from toolkit.verify import VerificationCache, verify_files
+    from toolkit.data.verify import VerificationCache, verify_files
 
     data = photo_tree(tmp_path / "data", 1)
     secret = tmp_path / "secret.jpg"

@@ -23,9 +23,8 @@ from PIL import Image
 
 from tests.badinput import photo_tree
 from tests.conftest import TINY
-from toolkit import outputs, runs
-from toolkit.cli import main
-
+from toolkit.cli.main import main
+from toolkit.core import outputs, runs
 
 
 def digest(path: Path) -> str:
@@ -127,7 +126,7 @@ def test_finetune_overwrite_trains_beside_the_old_run_and_swaps_at_the_end(train
 
 
 def test_named_pipes_and_broken_links_are_error_rows_not_hangs(trained, run_copy, capsys, tmp_path):
-    from toolkit.verify import verify_files
+    from toolkit.data.verify import verify_files
 
     fifo = tmp_path / "fifo.jpg"
     os.mkfifo(fifo)
@@ -326,7 +325,7 @@ def test_resume_recomputes_a_corrupt_feature_cache_from_another_directory(run_co
 
 
 def test_csv_rows_that_disagree_on_a_label_are_skipped(tmp_path):
-    from toolkit.datasets import load_splits
+    from toolkit.data.datasets import load_splits
 
     data = photo_tree(tmp_path / "imgs", 4)
     rows = ["path,label"] + [f"imgs/{c}/{i}.jpg,{c}" for c in "ab" for i in range(4)] + ["imgs/a/0.jpg,b"]
@@ -337,7 +336,7 @@ def test_csv_rows_that_disagree_on_a_label_are_skipped(tmp_path):
 
 
 def test_links_pipes_and_odd_folders_are_listed_not_followed(tmp_path):
-    from toolkit.datasets import load_splits
+    from toolkit.data.datasets import load_splits
 
     data = photo_tree(tmp_path / "data", 4)
     (data / "zloop").symlink_to(data)
@@ -355,14 +354,14 @@ def test_links_pipes_and_odd_folders_are_listed_not_followed(tmp_path):
 
 
 def test_markdown_tables_survive_odd_file_names():
-    from toolkit.report import markdown_cell
+    from toolkit.train.report import markdown_cell
 
     row = f"| {markdown_cell('a|b' + chr(10) + 'c.jpg', code=True)} | {markdown_cell('x|y')} |"
     assert "\n" not in row and row.count("|") - row.count("\\|") == 3
 
 
 def test_few_training_images_warn(tmp_path):
-    from toolkit.datasets import check_trainable, load_splits
+    from toolkit.data.datasets import check_trainable, load_splits
 
     data = photo_tree(tmp_path / "data", 6)
     assert check_trainable(load_splits(data, val_fraction=0.2)) == []
@@ -380,7 +379,7 @@ def test_explain_on_an_extreme_aspect_ratio_stays_within_memory(run_copy, tmp_pa
     recipe.write_text(recipe.read_text().replace("image_size = 64", "image_size = 224"))
     row = np.linspace(0, 255, 20000, dtype=np.uint8)
     Image.fromarray(np.broadcast_to(row[None, :, None], (100, 20000, 3)).copy()).save(tmp_path / "wide.jpg")
-    code = ("import re, sys; from toolkit.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import re, sys; from toolkit.cli.main import main; rc = main(sys.argv[1:]); "
             "print('maxrss_kb', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
             "sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, "explain", "--model", str(run_copy), "--images",

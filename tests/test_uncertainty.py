@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.uncertainty import accuracy_interval, describe
+from toolkit.core.uncertainty import accuracy_interval, describe
 
 
 @pytest.mark.parametrize("true_accuracy, n", [(0.8, 40), (0.95, 48), (0.6, 200)])
@@ -30,7 +30,7 @@ def test_the_auroc_interval_covers_the_true_auroc_and_agrees_with_scikit_learn()
     from scipy.stats import norm
     from sklearn.metrics import roc_auc_score
 
-    from toolkit.uncertainty import auroc, auroc_interval
+    from toolkit.core.uncertainty import auroc, auroc_interval
 
     rng, truth = np.random.default_rng(0), norm.cdf(1 / np.sqrt(2))
     known, unknown = rng.normal(0, 1, (300, 60)), rng.normal(1, 1, (300, 25))
@@ -48,7 +48,7 @@ def test_the_auroc_interval_covers_the_true_auroc_and_agrees_with_scikit_learn()
 def test_the_paired_difference_interval_covers_the_true_drop_and_is_paired():
     """300 simulated test sets of 200 images: a float model right on 85 %; its int8 copy gets 4 % of those wrong
     and 10 % of the others right, so the true drop is 0.85 * 0.04 - 0.15 * 0.10 = 1.9 points."""
-    from toolkit.uncertainty import difference_interval
+    from toolkit.core.uncertainty import difference_interval
 
     rng, truth = np.random.default_rng(0), 0.85 * 0.04 - 0.15 * 0.10
     first = rng.random((300, 200)) < 0.85
@@ -62,7 +62,7 @@ def test_the_paired_difference_interval_covers_the_true_drop_and_is_paired():
 
 
 def test_changes_and_counts_are_worded_in_the_direction_they_went():
-    from toolkit.uncertainty import describe_change, plural
+    from toolkit.core.uncertainty import describe_change, plural
 
     assert describe_change(0.008, (-0.005, 0.024)) == "0.8 points lower (95% CI -0.5 to 2.4)"
     assert describe_change(-0.0066, (-0.019, 0.005)) == "0.7 points higher (95% CI -0.5 to 1.9)"

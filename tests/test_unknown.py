@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_dataset
-from toolkit.errors import UserError
-from toolkit.unknown import (class_neighbour_distance, combined, fit_scorer, neighbour_distance, parse_unknown,
-                             unit_features)
+from toolkit.core.errors import UserError
+from toolkit.predict.unknown import (
+    class_neighbour_distance,
+    combined,
+    fit_scorer,
+    neighbour_distance,
+    parse_unknown,
+    unit_features,
+)
 
 FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
 
@@ -73,7 +79,7 @@ def test_a_large_run_keeps_a_bank_of_at_most_max_bank_images(monkeypatch):
     its 5th nearest *other* bank image (an image in the bank is not its own neighbour)."""
     from types import SimpleNamespace
 
-    from toolkit import unknown
+    from toolkit.predict import unknown
 
     monkeypatch.setattr(unknown, "MAX_BANK", 50)
     rng = np.random.default_rng(2)
@@ -93,7 +99,7 @@ def test_a_large_run_keeps_a_bank_of_at_most_max_bank_images(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs_with_statistics(sample_data, tmp_path_factory):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     root = tmp_path_factory.mktemp("unknown")
     assert main(["-q", "finetune", "--data", str(sample_data), "--out", str(root / "holdout"), "--cv", "off"] + FAST) == 0
@@ -106,7 +112,7 @@ def runs_with_statistics(sample_data, tmp_path_factory):
 def test_photos_of_other_things_are_labelled_unknown(runs_with_statistics, sample_data, tmp_path, which):
     """A model of drawn shapes, shown real photos of ants and bees: they score above the shapes it knows,
     and --unknown auto labels them unknown while it keeps most known images."""
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     run = runs_with_statistics[which]
     photos = sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:20]
@@ -133,9 +139,9 @@ def test_photos_of_other_things_are_labelled_unknown(runs_with_statistics, sampl
 def test_the_score_features_come_from_the_prediction_pass(runs_with_statistics, sample_data, mode):
     """predict --unknown takes the centre crop's features from the pass that predicts (one backbone pass): they
     match a separate centre-crop pass, and the probabilities match a plain prediction."""
-    from toolkit.inference import predict_member, predict_with_features
-    from toolkit.members import load_member
-    from toolkit.unknown import centre_features
+    from toolkit.predict.inference import predict_member, predict_with_features
+    from toolkit.predict.members import load_member
+    from toolkit.predict.unknown import centre_features
 
     member = load_member(runs_with_statistics[0])
     paths = sorted(str(p) for p in (sample_data / "star").iterdir())[:6]
@@ -154,7 +160,7 @@ def test_the_score_features_come_from_the_prediction_pass(runs_with_statistics, 
 
 @pytest.mark.slow
 def test_unknown_bad_input_is_one_line(runs_with_statistics, sample_data, tmp_path, capsys):
-    from toolkit.cli import main
+    from toolkit.cli.main import main
 
     holdout, cv = runs_with_statistics
     old = tmp_path / "old-run"

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.badinput import build_corpus, huge_jpeg
-from toolkit.datasets import DatasetError, load_splits
-from toolkit.verify import CONVERTED_MAX_SIDE, VerificationCache, verify_file, verify_files
+from toolkit.data.datasets import DatasetError, load_splits
+from toolkit.data.verify import CONVERTED_MAX_SIDE, VerificationCache, verify_file, verify_files
 
 
 @pytest.fixture()
@@ -47,13 +47,13 @@ def test_every_bad_input_case_is_reported_by_name_and_good_images_remain(tmp_pat
 
 @pytest.mark.slow
 def test_good_images_still_train_and_the_run_report_names_every_skipped_file(tmp_path):
-    from toolkit.finetune import finetune
-    from toolkit.recipes import build_config
+    from toolkit.api import train
+    from toolkit.config.recipes import build_config
 
     root = tmp_path / "data"
     expected = build_corpus(root)
     config = build_config(None, {"data": str(root), "freeze": "all", "image_size": 64, "head_epochs": 2, "batch_size": 8})
-    result = finetune(config, out=tmp_path / "run", verbose=0)
+    result = train(config, out=tmp_path / "run", verbose=0)
     report = (tmp_path / "run" / "report.md").read_text()
     for rel, (status, fragment) in expected.items():
         if status == "skipped":
@@ -100,7 +100,7 @@ def test_huge_image_is_decoded_without_its_full_bitmap(tmp_path):
     # pytest parent's peak, which survives fork + exec on Linux).
     script = (
         "import json; from pathlib import Path;"
-        "from toolkit.verify import verify_file;"
+        "from toolkit.data.verify import verify_file;"
         f"r = verify_file({str(path)!r}, Path({str(tmp_path / 'conv')!r}));"
         "peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
         "print(json.dumps([r.ok, r.width, r.height, r.reason, peak]))"
@@ -112,7 +112,7 @@ def test_huge_image_is_decoded_without_its_full_bitmap(tmp_path):
 
 
 def test_small_images_and_odd_names_flow_through_the_pipeline(tmp_path, cache):
-    from toolkit.pipeline import make_dataset
+    from toolkit.data.pipeline import make_dataset
 
     root = tmp_path / "data"
     build_corpus(root)

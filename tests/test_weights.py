@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.weights import (
+from toolkit.backbones.weights import (
     KNOWN_CHECKPOINTS,
     CheckpointError,
     ChecksumError,

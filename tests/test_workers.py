@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tests.badinput import photo_tree
-from toolkit.datasets import load_splits
-from toolkit.workers import ProcessAugmentedDataset
+from toolkit.data.datasets import load_splits
+from toolkit.data.workers import ProcessAugmentedDataset
 
 
 def _compose():
@@ -39,7 +39,7 @@ def test_worker_batches_are_deterministic_and_cover_every_image(split):
         assert sorted(y1.tolist()) == sorted(split.labels)  # every image once per epoch
         x3, _ = _epoch(first.dataset())  # next epoch: new order and new views
         assert not np.array_equal(x1, x3)
-        assert first.dataset().options().autotune.enabled is False  # see toolkit.pipeline.finish
+        assert first.dataset().options().autotune.enabled is False  # see toolkit.data.pipeline.finish
     finally:
         first.close()
         second.close()
@@ -49,15 +49,15 @@ def test_worker_batches_are_deterministic_and_cover_every_image(split):
 def test_finetune_takes_an_albumentations_compose_from_the_recipe(sample_data, tmp_path):
     import albumentations as A
 
-    from toolkit.finetune import finetune
-    from toolkit.recipes import build_config
+    from toolkit.api import train
+    from toolkit.config.recipes import build_config
 
     path = tmp_path / "compose.json"
     A.save(_compose(), str(path))
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'albumentations = "{path}"\nhead_epochs = 2\ncache_views = 2\nimage_size = 48\n')
-    result = finetune(build_config(recipe, {"data": str(sample_data), "freeze": "all"}), out=tmp_path / "run", verbose=0)
+    result = train(build_config(recipe, {"data": str(sample_data), "freeze": "all"}), out=tmp_path / "run", verbose=0)
     assert result.metrics["n_val"] > 0
     with pytest.raises(ValueError, match="albumentations file not found"):  # checked before a run folder exists
-        finetune(build_config(recipe, {"data": str(sample_data), "albumentations": "nope.json"}), out=tmp_path / "r2")
+        train(build_config(recipe, {"data": str(sample_data), "albumentations": "nope.json"}), out=tmp_path / "r2")
     assert not (tmp_path / "r2").exists()

@@ -1,4 +1,6 @@
-"""Pretrained backbones, built by name: ``toolkit.backbones.create("mobilenet_v2")``.
+"""The networks: pretrained backbones, built by name (``toolkit.backbones.create("mobilenet_v2")``), their
+offline ImageNet weights (:mod:`~toolkit.backbones.weights`), and the Network-in-Network head put on them
+(:mod:`~toolkit.backbones.head`).
 
 Every backbone takes raw RGB in [0, 255]; its preprocessing is a layer inside
 the model, so a saved model needs nothing but pixels. See
@@ -23,7 +25,7 @@ from toolkit.backbones.registry import (
     stage_boundaries,
 )
 from toolkit.backbones.torch_port import load_torch_state
-from toolkit.weights import KNOWN_CHECKPOINTS, read_torch_checkpoint
+from toolkit.backbones.weights import KNOWN_CHECKPOINTS, read_torch_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class LiteVariant:
     depth: float
     resolution: int
     dropout: float
-    checkpoint: str  # file name in toolkit.weights.KNOWN_CHECKPOINTS
+    checkpoint: str  # file name in toolkit.backbones.weights.KNOWN_CHECKPOINTS
     imagenet_top1: float  # Google's published TF-Lite float accuracy
     params: int  # without the ImageNet top
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import numpy as np
 import keras
+import numpy as np
 from keras import layers
 
 from toolkit.backbones.registry import BackboneSpec, Stage

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Callable, Literal
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 if TYPE_CHECKING:  # keras is heavy; import it only where models are built
     import keras
@@ -55,7 +55,7 @@ class BackboneSpec:
     feature_layer: str | None  # None: the model output (include_top=False) is the feature map
     stages: tuple[Stage, ...]
     params: int  # without the ImageNet top; a test checks it against the built model
-    checkpoint: str | None = None  # offline-torch: file name in toolkit.weights.KNOWN_CHECKPOINTS
+    checkpoint: str | None = None  # offline-torch: file name in toolkit.backbones.weights.KNOWN_CHECKPOINTS
     keras_weights_file: str | None = None  # keras-imagenet: cache file name of the no-top weights
     description: str = ""
 

@@ -17,10 +17,10 @@ has lost its ImageNet features.
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 
-from toolkit.weights import CheckpointError, StateDict
+from toolkit.backbones.weights import CheckpointError, StateDict
 
 __all__ = ["load_torch_state"]
 

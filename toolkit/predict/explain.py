@@ -1,0 +1,102 @@
+"""``toolkit explain``: class-activation maps from the NIN head, for free.
+
+The head's 1x1 conv gives one map per class *before* global average pooling,
+so the class score is exactly the mean of its map: the map is the class
+activation map (Zhou et al., 2016). The whole image goes through the fully
+convolutional network (shorter side resized to size / crop_fraction, aspect
+kept), the chosen class's map is upsampled to the image and overlaid.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from toolkit.backbones.head import CLASS_MAPS
+from toolkit.core import outputs, paths, runs
+from toolkit.core.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def class_activation_map(member, image: np.ndarray, class_name: str | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(CAM in [0, 1] at the image's resolution, class index, class probabilities) for an RGB uint8 image."""
+    import keras
+    import tensorflow as tf
+
+    cam_model = keras.Model(member.model.input, [member.model.get_layer(CLASS_MAPS).output, member.model.output])
+    from toolkit.predict.inference import whole_image_size
+
+    h, w = image.shape[:2]
+    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), whole_image_size((h, w), member.image_size,
+                                                                                         member.crop_fraction))
+    maps, probs = cam_model(resized[tf.newaxis], training=False)
+    probs = np.asarray(probs)[0]
+    if class_name is None:
+        index = int(probs.argmax())
+    elif class_name in member.class_names:
+        index = member.class_names.index(class_name)
+    else:
+        raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
+    maps = np.asarray(maps)[0]
+    # A cross-validated model has K heads, K x C maps (head k's at k*C..k*C+C-1): the class's map is their mean.
+    cam = maps.reshape(*maps.shape[:2], -1, len(probs)).mean(axis=2)[:, :, index]
+    cam = tf.image.resize(cam[..., None], (h, w), method="bilinear").numpy()[..., 0]
+    cam = (cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-12)
+    return cam, index, probs
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    import matplotlib
+
+    heat = matplotlib.colormaps["jet"](cam)[..., :3] * 255.0
+    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` as one harmless file-name part: no separators, no leading dots, never empty."""
+    return re.sub(r"[^\w.-]+", "_", text).lstrip(".") or "_"
+
+
+def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
+            overwrite: bool = False) -> list[Path]:
+    """One CAM overlay per readable image into the folder ``out``. The class explained (the predicted one, or
+    ``class_name``) and the probability logged are ``toolkit predict``'s: the calibrated probability of the
+    evaluation centre crop; the map itself is of the whole image."""
+    from PIL import Image
+
+    from toolkit.data.verify import verify_files
+    from toolkit.predict.inference import collect_images, predict_member
+    from toolkit.predict.members import load_member
+
+    inputs = {"--model": [model], "--images": list(images)}
+    outputs.check_output_dir(out, overwrite, "explain", inputs)
+    member = load_member(model)
+    if class_name is not None and class_name not in member.class_names:
+        raise UserError(f"Unknown --class. Received: class={class_name!r}; the model's classes: {list(member.class_names)}")
+    records = verify_files(collect_images(images))
+    written = []
+    with outputs.output_dir(out, overwrite, "explain", inputs) as stage:
+        for record in records:
+            if not record.ok:
+                logger.warning("explain: skipped %s: %s", record.path, record.reason)
+                continue
+            probs = predict_member(member, [record.decode_path], [record.is_jpeg])[0]
+            index = int(probs.argmax()) if class_name is None else member.class_names.index(class_name)
+            with Image.open(record.decode_path) as im:
+                image = np.asarray(im.convert("RGB"))
+            cam, _, _ = class_activation_map(member, image, member.class_names[index])
+            name = paths.fit_name(f"{safe_file_name(Path(record.path).stem)}.cam-"
+                                    f"{safe_file_name(member.class_names[index])}.png", reserve=8)
+            if (stage / name).exists():  # the same file name in two folders
+                name = f"{Path(name).stem}-{len(written) + 1}.png"
+            with runs.atomic_path(stage / name) as tmp:
+                Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")
+            logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index],
+                        Path(out) / name)
+            written.append(Path(out) / name)
+    return written

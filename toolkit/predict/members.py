@@ -1,0 +1,165 @@
+"""Trained runs loaded for prediction: a *member* is one run folder (``model.keras`` + ``classes.json`` +
+``recipe.toml`` + optional ``calibration.json``); an *ensemble folder* holds ``ensemble.json`` listing member
+folders and their weights (:mod:`toolkit.predict.ensemble_spec`) and is accepted wherever a run is.
+
+Every file is read as input, not authority: the model in Keras' safe mode, after its archive's JSON members
+were sized; the class list checked against the model's outputs; the temperature within a stated range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from toolkit.core import runs
+from toolkit.core.errors import UserError
+
+ENSEMBLE_FILE = runs.ENSEMBLE_FILE
+# A .keras file is a zip; its JSON members (the architecture, metadata) are a few hundred KB for any real
+# model. A larger one is refused before Keras reads it whole (a 3 GiB member of spaces packs into 12 MB).
+MAX_KERAS_JSON_BYTES = 64 * 2**20
+# Temperatures a run's calibration.json may hold: the fit searches [0.05, 20].
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+class ModelMismatchError(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class Member:
+    path: Path
+    model: object  # keras.Model
+    class_names: tuple[str, ...]
+    image_size: int
+    crop_fraction: float
+    temperature: float = 1.0
+    weight: float = 1.0
+    _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def forward(self, whole_images: bool = False, features: bool = False):
+        """The model's inference call, compiled once per member: a fixed input signature with any batch
+        (and, for whole images, any height and width) means no re-tracing between calls or batches. With
+        ``features``, (probabilities, pooled backbone features) from the same pass (:func:`toolkit.backbones.head.pooled_model`)."""
+        import tensorflow as tf
+
+        key = (whole_images, features)
+        if key not in self._forwards:
+            from toolkit.backbones.head import pooled_model
+
+            size = None if whole_images else self.image_size
+            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
+            model = pooled_model(self.model) if features else self.model
+            self._forwards[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        return self._forwards[key]
+
+
+def _check_keras_file(path: Path) -> None:
+    """Refuse a ``.keras`` zip whose JSON members are too large to be a model's, before Keras reads them."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # not a zip: Keras says what it is below
+    for info in members:
+        if info.filename.endswith(".json") and info.file_size > MAX_KERAS_JSON_BYTES:
+            raise UserError(f"{path}: not loaded: its {info.filename} member is {info.file_size / 2**20:,.0f} MB "
+                            f"(a model's is well under {MAX_KERAS_JSON_BYTES // 2**20} MB); the file is damaged or "
+                            "not a toolkit model: train the run again or restore the file")
+
+
+def _load_keras_model(path: Path):
+    """``keras.models.load_model`` in safe mode; a file it cannot or will not load is a user error."""
+    import keras
+
+    _check_keras_file(path)
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, TypeError... for bad files
+        text = " ".join(str(exc).split())
+        if "safe_mode=False" in text and "deserializ" in text:  # Keras refusing code in safe mode
+            why = ("it holds Python code (a Lambda layer) that safe mode refuses to run; only load it with "
+                   "safe_mode=False in Python if you trust where it came from")
+        else:
+            why = f"it cannot be read ({type(exc).__name__}: {text[:200]}); the file is truncated or corrupt: " \
+                  "train the run again or restore the file"
+        raise UserError(f"{path}: not loaded: {why}") from exc
+
+
+def load_member(run: str | Path, weight: float = 1.0):
+    from toolkit import backbones
+    from toolkit.config.recipes import load_config
+
+    run = Path(run)
+    if not (run / runs.MODEL_FILE).is_file():
+        raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
+    config = load_config(run / runs.RECIPE_FILE)  # validated; its defaults are the config's own
+    temperature = read_temperature(run / runs.CALIBRATION_FILE)
+    class_names = runs.read_json(run / runs.CLASSES_FILE, "It lists the class names in label order; restore it.")
+    if (not isinstance(class_names, list) or not all(isinstance(c, str) and c for c in class_names)
+            or len(set(class_names)) != len(class_names)):
+        raise UserError(f"{run / runs.CLASSES_FILE} must be a JSON list of distinct class names. Received: "
+                        f"{class_names!r:.100}")
+    model = _load_keras_model(run / runs.MODEL_FILE)
+    outputs = model.output_shape[-1]
+    if len(class_names) != outputs:
+        raise UserError(f"{run / runs.CLASSES_FILE} names {len(class_names)} classes, but the model has {outputs} "
+                        "outputs; restore the classes.json that was trained with this model.")
+    return Member(
+        path=run,
+        model=model,
+        class_names=tuple(class_names),
+        image_size=config.image_size or backbones.get_spec(config.backbone).input_size,
+        crop_fraction=config.crop_fraction,
+        temperature=temperature,
+        weight=weight,
+    )
+
+
+def read_temperature(path: Path) -> float:
+    """The temperature in a run's ``calibration.json`` (1 without one), refused outside :data:`TEMPERATURE_RANGE`."""
+    import math
+
+    if not path.is_file():
+        return 1.0
+    values = runs.read_json(path, "Delete it to predict without calibration.")
+    value = values.get("temperature", 1.0) if isinstance(values, dict) else None
+    low, high = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise UserError(f"{path}: temperature must be a number in [{low}, {high}] (calibration fits one in [0.05, 20]). "
+                        f"Received: temperature={value!r:.40}; restore the file, or delete it to predict without "
+                        "calibration.")
+    return float(value)
+
+
+def expand_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[tuple[Path, float]]:
+    """Run folders (ensemble folders expanded into their members) with their weights."""
+    from toolkit.predict.ensemble_spec import check_weights, read_ensemble
+
+    out: list[tuple[Path, float]] = []
+    for path, weight in zip(paths, check_weights(weights, len(paths))):
+        path = Path(path)
+        if (path / ENSEMBLE_FILE).is_file():
+            spec = read_ensemble(path)
+            out += [(path / m, weight * w) for m, w in zip(spec.members, spec.weights)]
+        else:
+            out.append((path, weight))
+    return out
+
+
+def load_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Member]:
+    """Load every member; their class lists must be identical (same names, same order)."""
+    members = [load_member(p, w) for p, w in expand_models(paths, weights)]
+    reference = members[0].class_names
+    for m in members[1:]:
+        if m.class_names != reference:
+            only_a = sorted(set(reference) - set(m.class_names))
+            only_b = sorted(set(m.class_names) - set(reference))
+            detail = (f"{members[0].path} has {only_a} that {m.path} lacks, {m.path} has {only_b}"
+                      if only_a or only_b else "same classes in a different order")
+            raise ModelMismatchError(f"Ensemble members disagree on their classes: {detail}. "
+                                     "Train every member on the same class folders.")
+    return members
