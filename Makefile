@@ -1,6 +1,6 @@
 # The README's two commands:
 #   make demo   install into .venv, generate data/sample, train on it
-#   make test   install into .venv with the dev extras, run the test suite (its 15 slowest tests listed)
+#   make test   install into .venv with the dev extras, run the test suite on 2 processes, one test module per process at a time (its 15 slowest tests listed)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,4 +23,4 @@ demo: install sample
 	$(BIN)/toolkit finetune --data data/sample
 
 test: install-dev
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=15
