@@ -50,17 +50,21 @@ def kill_after_epochs(cmd: list[str], state_file: Path, stage: str, epochs: int 
     pytest.fail("the run finished or stalled before it could be killed")
 
 
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    """The project's own sample dataset, generated fresh by data/make_sample.py."""
+def make_sample(out: Path, per_class: int, size: int = 128) -> Path:
+    """The project's own sample dataset (four shapes), generated fresh by data/make_sample.py into ``out``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_sample", REPO / "data" / "make_sample.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path_factory.mktemp("sample")
-    module.make_sample(out, per_class=24, size=128)
+    module.make_sample(out, per_class=per_class, size=size)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The sample dataset at 24 images per class."""
+    return make_sample(tmp_path_factory.mktemp("sample"), per_class=24)
 
 
 TINY = ["--image-size", "64", "--head-epochs", "2", "--batch-size", "8", "--cache-features", "auto", "--freeze", "all"]

@@ -15,7 +15,7 @@ from toolkit.core.errors import UserError
 from toolkit.train.folds import assign_folds, held_out, out_of_fold, plan_folds, training_mask
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "6"]
+FAST = ["--image-size", "64", "--batch-size", "16", "--head-epochs", "6", "--cache-views", "2"]
 
 
 def test_folds_are_stratified_seeded_and_cover_every_image_once():
@@ -151,7 +151,7 @@ def test_cv_with_backbone_stages_training_is_an_ensemble_of_fold_members(sample_
 
     out = tmp_path / "cv"
     assert main(["finetune", "--data", str(sample_data), "--out", str(out), "--cv", "2", "--freeze", "stage7",
-                 "--finetune-epochs", "1", "--image-size", "64", "--batch-size", "16", "--head-epochs", "2"]) == 0
+                 "--finetune-epochs", "1", "--image-size", "64", "--batch-size", "16", "--head-epochs", "2", "--cache-views", "2"]) == 0
     assert "2-fold cross-validation over 96 images" in capsys.readouterr().out
     spec = json.loads((out / "ensemble.json").read_text())
     assert spec["members"] == ["1-mobilenet_v2-fold1of2", "2-mobilenet_v2-fold2of2"]
@@ -171,7 +171,8 @@ def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
     from toolkit.api import train
     from toolkit.config.recipes import build_config
 
-    settings = {"data": str(sample_data), "image_size": 96, "batch_size": 16, "head_epochs": 4, "freeze": "all"}
+    settings = {"data": str(sample_data), "image_size": 64, "batch_size": 16, "head_epochs": 4, "freeze": "all",
+                "cache_views": 2}
     result = train(build_config(None, {**settings, "cv": "off"}), out=tmp_path / "off", verbose=0)
     assert "cv" not in result.metrics and result.metrics["n_val"] == 20  # the 20 % holdout of 96 images
     state = json.loads((tmp_path / "off" / "state.json").read_text())
@@ -183,7 +184,7 @@ def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
 def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "toolkit.cli.main", "finetune", "--data", str(sample_data), "--out", str(run), "--cv", "3",
-           "--image-size", "96", "--batch-size", "4", "--head-epochs", "40", "--early-stopping-patience", "40",
+           "--image-size", "64", "--batch-size", "4", "--head-epochs", "40", "--early-stopping-patience", "40",
            "--cache-views", "8"]
     state_file = run / "state.json"
     kill_after_epochs(cmd, state_file, "cv")

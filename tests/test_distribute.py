@@ -221,8 +221,8 @@ def test_two_workers_on_loopback_match_one_process_and_only_the_chief_writes(hym
 @pytest.mark.slow
 def test_two_workers_resume_after_both_are_killed(sample_data, tmp_path):
     run = tmp_path / "run"
-    args = ["finetune", "--data", str(sample_data), "--out", str(run), "--image-size", "96", "--batch-size", "8",
-            "--head-epochs", "3", "--freeze", "stage7", "--finetune-epochs", "5", "--finetune-lr", "0.0001",
+    args = ["finetune", "--data", str(sample_data), "--out", str(run), "--image-size", "64", "--batch-size", "8",
+            "--head-epochs", "3", "--freeze", "stage7", "--finetune-epochs", "4", "--cache-views", "2", "--finetune-lr", "0.0001",
             "--strategy", "multi-worker"]
     procs, logs = _start_workers(args, tmp_path, "first")
     state_file = run / "state.json"
@@ -282,7 +282,7 @@ def test_training_images_can_come_from_a_tf_data_service_on_loopback(sample_data
     assert shapes == {(64, 64, 3)}
     assert worker._num_tasks() >= 1  # the epoch was produced by the service's worker (private counter)
 
-    config = build_config(None, {"data": str(sample_data), "image_size": 96, "batch_size": 16, "head_epochs": 8,
+    config = build_config(None, {"data": str(sample_data), "image_size": 64, "batch_size": 16, "head_epochs": 8,
                                  "freeze": "all", "cache_features": "off", "data_service": dispatcher.target})
     result = train(config, out=tmp_path / "run", verbose=0)
     assert result.metrics["val_accuracy"] >= 0.7

@@ -18,7 +18,8 @@ from toolkit.train.run_state import AccuracyGateError
 from toolkit.train.stages import stage_lr_multipliers
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"image_size": 96, "batch_size": 16, "head_epochs": 8, "finetune_epochs": 2}
+SIZE = 64
+FAST = {"image_size": SIZE, "batch_size": 16, "head_epochs": 8, "finetune_epochs": 2, "cache_views": 2}
 
 
 def _config(data, **overrides):
@@ -75,7 +76,7 @@ def test_mixed_precision_computes_in_float16_and_leaves_the_global_policy_alone(
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
     conv = model.get_layer("backbone").get_layer("head_conv")
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
-    images = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    images = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
     probs = model.predict(images, verbose=0)
     assert probs.dtype == np.float32 and np.all(np.isfinite(probs))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -117,7 +118,7 @@ def test_two_stages_train_only_the_unfrozen_stages(sample_data, tmp_path):
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
     final = [w.copy() for w in model.get_weights()]
     model.load_weights(tmp_path / "run" / "finetune.last.weights.h5")  # the model after stage 2
-    pretrained = backbones.create("mobilenet_v2", input_shape=(96, 96, 3))
+    pretrained = backbones.create("mobilenet_v2", input_shape=(SIZE, SIZE, 3))
     inner = model.get_layer("backbone")
     # frozen stage: unchanged; unfrozen stage: changed; its BatchNorm: unchanged
     np.testing.assert_array_equal(inner.get_layer("stage6_block16_project_conv").get_weights()[0],
@@ -146,7 +147,7 @@ def test_a_stage_2_that_does_not_help_is_not_kept(sample_data, tmp_path):
                       verbose=0)
     assert result.metrics["kept_stage"] == "head"
     model = keras.models.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
-    pretrained = backbones.create("mobilenet_v2", input_shape=(96, 96, 3))
+    pretrained = backbones.create("mobilenet_v2", input_shape=(SIZE, SIZE, 3))
     np.testing.assert_array_equal(model.get_layer("backbone").get_layer("head_conv").get_weights()[0],
                                   pretrained.get_layer("head_conv").get_weights()[0])
     assert result.metrics["val_accuracy"] == pytest.approx(result.metrics["head_val_accuracy"], abs=1e-6)
@@ -157,8 +158,8 @@ def test_a_stage_2_that_does_not_help_is_not_kept(sample_data, tmp_path):
 def test_resume_after_sigkill_loses_at_most_one_epoch(sample_data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "toolkit.cli.main", "finetune", "--data", str(sample_data), "--out", str(run),
-           "--image-size", "96", "--batch-size", "16", "--head-epochs", "3", "--freeze", "stage7",
-           "--finetune-epochs", "6", "--finetune-lr", "0.0001"]
+           "--image-size", str(SIZE), "--batch-size", "16", "--head-epochs", "3", "--freeze", "stage7",
+           "--finetune-epochs", "5", "--finetune-lr", "0.0001", "--cache-views", "2"]
     state_file = run / "state.json"
     killed_after = kill_after_epochs(cmd, state_file, "finetune")
     assert not (run / "model.keras").exists()
@@ -179,13 +180,13 @@ def test_accuracy_gate_fails_the_run_but_keeps_the_model(sample_data, tmp_path, 
     from toolkit.cli.main import main
 
     out = tmp_path / "gate"
-    code = main(["finetune", "--data", str(sample_data), "--out", str(out), "--image-size", "96",
+    code = main(["finetune", "--data", str(sample_data), "--out", str(out), "--image-size", str(SIZE),
                  "--head-epochs", "1", "--freeze", "all", "--min-accuracy", "1.0", "--weights", "none"])
     assert code == 3
     assert "below --min-accuracy 1.0" in capsys.readouterr().err
     assert (out / "model.keras").is_file() and (out / "metrics.json").is_file()
     with pytest.raises(AccuracyGateError):
-        train(_config(sample_data, freeze="all", head_epochs=1, weights="none", min_accuracy=1.0),
+        train(_config(sample_data, freeze="all", head_epochs=1, weights="none", min_accuracy=1.0, cv="off"),
                  out=tmp_path / "gate2", verbose=0)
 
 

@@ -86,7 +86,7 @@ def runs_trained(sample_data, tmp_path_factory):
     from toolkit.config.recipes import build_config
 
     root = tmp_path_factory.mktemp("models")
-    common = {"data": str(sample_data), "freeze": "all", "image_size": 96, "head_epochs": 12, "cache_views": 4}
+    common = {"data": str(sample_data), "freeze": "all", "image_size": 96, "head_epochs": 12, "cache_views": 2}
     a = train(build_config(None, {**common, "seed": 1}), out=root / "a", verbose=0).path
     b = train(build_config(None, {**common, "seed": 2, "backbone": "efficientnet_lite0"}), out=root / "b", verbose=0).path
     three = root / "three-classes"

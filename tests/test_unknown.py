@@ -19,7 +19,7 @@ from toolkit.predict.unknown import (
     unit_features,
 )
 
-FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5"]
+FAST = ["--image-size", "96", "--batch-size", "16", "--head-epochs", "5", "--cache-views", "2"]
 
 
 def test_unknown_values():

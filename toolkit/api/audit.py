@@ -25,6 +25,7 @@ import numpy as np
 
 from toolkit.core import outputs, runs
 from toolkit.core.errors import UserError
+from toolkit.core.processes import refuse_in_a_starting_worker
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def audit(data: str | Path, out: str | Path | None = None, *, model: str | Path 
     classifier first; the findings go into the folder ``out`` (default ``runs/<date>-<time>-audit``): ``audit.csv``
     (most suspicious first), ``audit.png``, ``audit-manifest.csv`` and ``audit.json``. Returns ``audit.json``'s
     summary. ``model``: use that run's backbone alone; ``backbones``: the probes (default :data:`AUDIT_BACKBONES`)."""
+    refuse_in_a_starting_worker("toolkit.audit")
     from toolkit.core.quiet import import_tensorflow
 
     import_tensorflow()

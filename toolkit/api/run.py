@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from toolkit.core.processes import refuse_in_a_starting_worker
+
 Images = str | Path | Sequence[str | Path]  # files, folders (searched recursively), CSVs with a path column
 
 
@@ -38,6 +40,7 @@ def predict(models: Sequence[str | Path], images: Images, *, weights: Sequence[f
             tta: str = "none", batch_size: int = 32, top_k: int = 3, all_probs: bool = False, unknown: str = "off",
             verbose: int = 0) -> Predictions:
     """Predict every image of ``images`` with one model, or the weighted mean of several (an ensemble)."""
+    refuse_in_a_starting_worker("predict")
     from toolkit.core.errors import UserError
     from toolkit.core.quiet import import_tensorflow
     from toolkit.data.verify import verify_files
@@ -73,6 +76,7 @@ def evaluate(models: Sequence[str | Path], data: str | Path, out: str | Path | N
              overwrite: bool = False, verbose: int = 0) -> dict[str, Any]:
     """Evaluate on labelled ``data`` (its test split, else its validation split, else every image); the report
     files go into ``out`` (none kept when ``out`` is None). Returns the metrics (``metrics.json``)."""
+    refuse_in_a_starting_worker("evaluate")
     from toolkit.core.quiet import import_tensorflow
     from toolkit.predict.evaluate import evaluate as evaluate_models
 
@@ -89,6 +93,7 @@ def evaluate(models: Sequence[str | Path], data: str | Path, out: str | Path | N
 def explain(model: str | Path, images: Images, out: str | Path, *, class_name: str | None = None,
             overwrite: bool = False) -> list[Path]:
     """One class-activation map per image, overlaid on it, into the folder ``out``; returns the files."""
+    refuse_in_a_starting_worker("explain")
     from toolkit.core.quiet import import_tensorflow
     from toolkit.predict.explain import explain as explain_images
 
@@ -100,6 +105,7 @@ def export(model: str | Path, format: str, out: str | Path, *, image_size: int |
            data: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` as ``savedmodel``, ``tflite``, ``tflite-fp16``, ``tflite-int8`` or ``onnx`` into the folder
     ``out``; returns the model file. Every format takes raw RGB and gives ``predict``'s probabilities."""
+    refuse_in_a_starting_worker("export")
     from toolkit.core.quiet import import_tensorflow
     from toolkit.deploy.export import export as export_model
 
@@ -176,6 +182,7 @@ class Run:
 
 def load(run: str | Path) -> Run:
     """Open a run or ensemble folder written by :func:`toolkit.finetune` (or ``toolkit finetune``)."""
+    refuse_in_a_starting_worker("toolkit.load")
     from toolkit.core import runs
     from toolkit.core.errors import UserError
 

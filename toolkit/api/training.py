@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.api.run import Run
+from toolkit.core.processes import refuse_in_a_starting_worker
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def finetune(data: str | Path, out: str | Path | None = None, *, recipe: str | P
     """
     from toolkit.config.recipes import build_config
 
+    refuse_in_a_starting_worker("toolkit.finetune")
     overrides = {key: value for key, value in settings.items() if key != "augment"}
     augment = settings.get("augment") or {}
     if not isinstance(augment, dict):
@@ -55,6 +57,7 @@ def train(config, out: str | Path | None = None, *, overwrite: bool = False, ens
           verbose: int = 0) -> Run:
     """Train ``config`` (a :class:`~toolkit.config.settings.FinetuneConfig`): one run, an ensemble of ``ensemble``
     members, or, for ``--cv K`` with a freeze plan that trains backbone stages, K fold members in one ensemble."""
+    refuse_in_a_starting_worker("toolkit.train")
     from toolkit.core.quiet import import_tensorflow
     from toolkit.train import finetune as single
     from toolkit.train.ensemble import finetune_ensemble
@@ -80,6 +83,7 @@ def resume(run: str | Path, verbose: int = 0) -> Run:
     from toolkit.train import finetune as single
     from toolkit.train.ensemble import finetune_ensemble
 
+    refuse_in_a_starting_worker("toolkit.resume")
     import_tensorflow()
     folder = Path(run).resolve()  # a sibling it replaces is found beside its real location
     if (folder / runs.ENSEMBLE_FILE).is_file():

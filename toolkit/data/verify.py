@@ -45,6 +45,7 @@ from typing import Iterable
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from toolkit.core import runs
+from toolkit.core.processes import GUARD_HINT
 from toolkit.data.discovery import printable
 
 logger = logging.getLogger(__name__)
@@ -363,8 +364,9 @@ def verify_files(
                     for done in pool.map(_verify_chunk, chunks):
                         collect(done)
             except concurrent.futures.process.BrokenProcessPool:
-                # e.g. a __main__ that spawn cannot re-import (stdin, some notebooks)
-                logger.warning("worker processes unavailable; verifying in this process")
+                # a __main__ that spawn cannot re-import (stdin, some notebooks), or one that calls the toolkit at import
+                logger.warning("worker processes unavailable; verifying in this process (a script that calls the "
+                               "toolkit: %s)", GUARD_HINT)
         for c in chunks:
             if any(p not in records for p in c[0]):
                 collect(_verify_chunk(c))

@@ -13,6 +13,7 @@ arrive in order.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.core.processes import GUARD_HINT
 from toolkit.data.datasets import Split
 
 logger = logging.getLogger(__name__)
@@ -93,8 +95,11 @@ class ProcessAugmentedDataset:
         self._epoch = 0
         # spawn, not fork: the parent holds TensorFlow's threads.
         ctx = multiprocessing.get_context("spawn")
-        self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self._transform_bytes, image_size))
-        self._finalizer = weakref.finalize(self, self._pool.terminate)
+        # An executor, not multiprocessing.Pool: a worker that dies (e.g. one re-running an unguarded main script)
+        # breaks it with an error instead of being replaced for ever.
+        self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                                            initargs=(self._transform_bytes, image_size))
+        self._finalizer = weakref.finalize(self, self._pool.shutdown, False, cancel_futures=True)
 
     def close(self) -> None:
         self._finalizer()
@@ -116,10 +121,13 @@ class ProcessAugmentedDataset:
         tasks = self._tasks(epoch)
         labels = np.asarray(self.split.labels, np.int32)[self._order]
         start = 0
-        # imap keeps order; up to 2 batches per worker in flight.
-        for batch in self._pool.imap(_augment_batch, tasks, chunksize=1):
-            yield batch, labels[start : start + len(batch)]
-            start += len(batch)
+        try:
+            for batch in self._pool.map(_augment_batch, tasks):  # in order
+                yield batch, labels[start : start + len(batch)]
+                start += len(batch)
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise RuntimeError(f"the augmentation worker processes stopped; in a script that calls the toolkit, "
+                               f"{GUARD_HINT}") from exc
 
     def dataset(self):
         """A ``tf.data.Dataset`` of (float32 images, int32 labels); each iteration is a new epoch."""
