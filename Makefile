@@ -15,6 +15,11 @@ install:
 
 install-dev: install
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# Debian's chromium, for the browser checks of report.html (they skip, saying so, where it cannot be installed)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "make: chromium is not installed (apt-get install chromium); the report browser checks will skip"
 
 sample:
 	$(BIN)/python data/make_sample.py

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.browser import rendered
 from toolkit.cli.main import build_parser, main
 
 
@@ -170,11 +171,15 @@ def test_set_epochs_and_lr_reach_the_run_recipe(sample_data, tmp_path, capsys):
 
     parser = Images()
     parser.feed((out / "report.html").read_text())
-    assert len(parser.sources) == 3 and all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    figures = [s for s in parser.sources if s.startswith("data:image/png;base64,")]
+    assert len(figures) == 3 and all(s.startswith("data:image/") for s in parser.sources)
     import base64
 
-    for src in parser.sources:
+    for src in figures:
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    dom = rendered(out / "report.html", {"data", "problems", "training", "metrics", "confusion", "calibration",
+                                         "mistakes", "audit", "timings"}, tmp_path)  # one epoch: curves of points
+    assert "fitted on the out-of-fold predictions of every image" in dom
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 

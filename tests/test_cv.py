@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.browser import rendered
 from tests.conftest import kill_after_epochs, shared_dataset
 from toolkit.config.choices import parse_cv
 from toolkit.core.errors import UserError
@@ -138,6 +139,12 @@ def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
     assert folds[0] == "path,label,fold_1,fold_2,fold_3" and len(folds) == 97
     assert (run / "audit.csv").read_text().startswith("path,issue,given_label,suggested_label,score,duplicate_of")
     assert (run / "audit.png").stat().st_size > 1000
+    # report.html: every image cross-validated, out-of-fold numbers, the audit's findings
+    dom = rendered(run / "report.html", {"data", "problems", "training", "metrics", "confusion", "calibration",
+                                         "mistakes", "audit", "timings"}, tmp_path)
+    assert "All 96 images were cross-validated, 5 folds x 3 repeats" in dom and "<th>train</th>" not in dom
+    assert "fitted on the out-of-fold predictions of every image" in dom and "validation split" not in dom
+    assert f"every finding, most suspicious first, is in {run / 'audit.csv'}".lower() in dom.lower()
     # predict sees one ordinary model
     assert main(["-q", "predict", "--model", str(run), "--images", str(sample_data / "circle"), "--out",
                  str(tmp_path / "p.csv")]) == 0
@@ -164,6 +171,8 @@ def test_cv_with_backbone_stages_training_is_an_ensemble_of_fold_members(sample_
     assert folds[0][0] == folds[1][1] and folds[0][1] == folds[1][0] and sum(folds[0]) == 96  # swapped halves
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cv"]["folds"] == 2 and metrics["cv"]["n_images"] == 96 and metrics["n_val"] == 96
+    dom = rendered(out / "report.html", {"members", "metrics", "confusion", "calibration", "mistakes"}, tmp_path)
+    assert "out-of-fold predictions of every image" in dom and "1-mobilenet_v2-fold1of2" in dom
 
 
 @pytest.mark.slow
@@ -178,6 +187,9 @@ def test_cv_off_is_the_holdout_run(sample_data, tmp_path):
     state = json.loads((tmp_path / "off" / "state.json").read_text())
     assert set(state) >= {"head"} and "cv" not in state
     assert (tmp_path / "off" / "head.best.weights.h5").is_file() and not (tmp_path / "off" / "folds.csv").exists()
+    dom = rendered(tmp_path / "off" / "report.html", {"data", "problems", "training", "metrics", "confusion",
+                                                       "calibration", "mistakes", "timings"}, tmp_path)
+    assert "<th>validation</th>" in dom and "fitted on the validation split" in dom and "cross-validated" not in dom
 
 
 @pytest.mark.slow
@@ -232,6 +244,8 @@ def test_audit_finds_a_flipped_label_and_a_resized_copy_in_real_photos(tmp_path)
     assert summary["findings"]["near_duplicate"] <= 2, duplicates
     manifest = (tmp_path / "audit" / "audit-manifest.csv").read_text()
     assert f"{data.resolve() / 'ants' / flipped.name},bees,train" in manifest
+    dom = rendered(tmp_path / "audit" / "report.html", {"audit"}, tmp_path)
+    assert "labelled ants, looks like bees" in dom and "copy.jpg" in dom
 
 
 def test_audit_flags_the_labels_with_the_lowest_out_of_fold_probability():

@@ -29,7 +29,7 @@ def test_auto_plan_is_monotone_in_data_size_and_stage_aligned():
 
 def test_plan_logs_the_decision_in_words():
     text = plan_freeze("auto", 245, 2, STAGES).describe()
-    assert text == "auto: 245 images, 2 classes, 122 per class (rule: < 200 per class) → head only; 0 of 7 stages unfrozen"
+    assert text == "auto: 245 training images, 2 classes, 122 per class (rule: < 200 per class) → head only; 0 of 7 stages unfrozen"
 
 
 def test_manual_modes():

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from tests.browser import rendered
 from toolkit.data.pipeline import eval_image, resize
 from toolkit.predict.calibration import apply_temperature, calibrate, expected_calibration_error, fit_temperature, nll
 from toolkit.predict.inference import predict_ensemble, predict_member, tta_views
@@ -168,6 +169,9 @@ def test_evaluate_writes_every_report(runs_trained, sample_data, tmp_path):
     assert set(m["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
     for name in ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv", "mistakes.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0, name
+    dom = rendered(tmp_path / "eval" / "report.html", {"metrics", "confusion", "calibration", "mistakes", "problems"},
+                   tmp_path)
+    assert f"{sample_data} (all of its images)" in dom and "96 images" in dom
 
 
 @pytest.mark.slow
@@ -189,7 +193,12 @@ def test_cam_peaks_on_the_object(runs_trained, tmp_path):
     assert hits >= 3, hits
     img.save(tmp_path / "one.png")
     written = explain(str(runs_trained[0]), [str(tmp_path / "one.png")], tmp_path / "cams")
-    assert len(written) == 1 and Image.open(written[0]).size == (160, 160)
+    assert len(written) == 1
+    with Image.open(written[0]) as picture:  # the overlay at the image's resolution, a labelled band below it
+        assert picture.size[0] == 160 and picture.size[1] > 160
+        band = np.asarray(picture.convert("RGB"))[160:]
+    assert (band < 100).all(axis=2).sum() > 50, "no caption text drawn in the band"
+    assert (np.abs(band.astype(int) - band.mean(axis=2, keepdims=True)) > 60).any(), "no colour scale in the band"
 
 
 def _run_exported(fmt: str, target, x: np.ndarray) -> np.ndarray:

@@ -62,9 +62,19 @@ def test_the_paired_difference_interval_covers_the_true_drop_and_is_paired():
 
 
 def test_changes_and_counts_are_worded_in_the_direction_they_went():
-    from toolkit.core.uncertainty import describe_change, plural
+    from toolkit.core.uncertainty import describe_change
 
     assert describe_change(0.008, (-0.005, 0.024)) == "0.8 points lower (95% CI -0.5 to 2.4)"
     assert describe_change(-0.0066, (-0.019, 0.005)) == "0.7 points higher (95% CI -0.5 to 1.9)"
     assert describe_change(0.0, (-0.003, 0.005)) == "the same accuracy (95% CI of the change -0.5 to +0.3 points)"
+    assert describe_change(0.0, (0.0, 0.0)) == "the same accuracy (95% CI of the change 0.0 to 0.0 points)"
+    assert describe_change(0.0004, (-0.0004, 0.012)) == "the same accuracy (95% CI of the change -1.2 to 0.0 points)"
+
+
+def test_plurals_of_counted_nouns():
+    from toolkit.core.uncertainty import plural
+
+    assert [plural(1, "image"), plural(0, "image"), plural(2, "outlier")] == ["1 image", "0 images", "2 outliers"]
+    assert [plural(1, "class"), plural(4, "class"), plural(3, "near-duplicate pair")] == [
+        "1 class", "4 classes", "3 near-duplicate pairs"]
     assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]

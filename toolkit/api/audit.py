@@ -66,7 +66,7 @@ def audit_data(data: str | Path, out: str | Path, model: str | Path | None = Non
 
     findings = find_issues(audit)
     with outputs.output_dir(out, overwrite, "audit", inputs) as folder:
-        return write_audit(folder, audit, findings)
+        return write_audit(folder, audit, findings, Path(out), page=True)
 
 
 def audit_input(data: str | Path, config, folds: int = AUDIT_FOLDS, verbose: int = 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from toolkit.cli.flags import subcommand
 
@@ -88,20 +89,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         import json
 
         r = json.loads(report.read_text())
-        from toolkit.core.uncertainty import describe_change
+        from toolkit.core.uncertainty import describe_change, plural
 
         kind = args.format.split("-", 1)[1]
-        print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f} "
-              f"({describe_change(r['accuracy_drop'], r['accuracy_drop_ci95'])}), top-1 agreement "
-              f"{r['top1_agreement']:.4f} on {r['images']} images ({r['measured_on']}); {r['size_ratio']:.2f}x the float "
-              f"file, {r[kind + '_latency_ms']:.1f} vs {r['float_latency_ms']:.1f} ms per image on 1 thread")
+        print(f"{kind} accuracy {r[kind + '_accuracy']:.4f} vs float {r['float_accuracy']:.4f} on "
+              f"{plural(r['images'], 'image')} of {r['measured_on']}: "
+              f"{describe_change(r['accuracy_drop'], r['accuracy_drop_ci95'])}; top-1 agreement "
+              f"{r['top1_agreement']:.4f}; {r['size_ratio']:.2f}x the float file, {r[kind + '_latency_ms']:.1f} vs "
+              f"{r['float_latency_ms']:.1f} ms per image on 1 thread")
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     """Give every label a second look: every labelled image of --data (all splits) is scored by fold heads that
     did not train on it, and cleanlab finds label issues, near-duplicates (across splits: leakage) and
-    outliers. Writes audit.csv (most suspicious first), audit.png (the top findings), audit-manifest.csv
+    outliers. Writes audit.csv (most suspicious first), report.html and audit.png (the top findings), audit-manifest.csv
     (path,label,split with the suggested labels applied: review it, then `toolkit finetune --data` it) and
     audit.json into --out. No trained model needed: the out-of-fold probabilities of several backbones' features
     are averaged (--backbones); --model RUN uses that run's backbone and image size alone."""
@@ -110,10 +112,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     probes = [name.strip() for name in args.backbones.split(",") if name.strip()] if args.backbones else None
     summary = audit(args.data, args.out, model=args.model, backbones=probes, folds=args.folds, overwrite=args.overwrite,
                     verbose=0 if args.quiet else 1)
+    from toolkit.core.uncertainty import plural
+
     f = summary["findings"]
-    print(f"{summary['images']} images audited: {f['label']} label issues, {f['near_duplicate']} near-duplicate pairs "
-          f"({summary['near_duplicates_across_splits']} across splits), {f['outlier']} outliers; written to {args.out} "
-          f"(every finding in {args.out}/audit.csv, the top ones in audit.png)")
+    print(f"{plural(summary['images'], 'image')} audited: {plural(f['label'], 'label issue')}, "
+          f"{plural(f['near_duplicate'], 'near-duplicate pair')} ({summary['near_duplicates_across_splits']} across "
+          f"splits), {plural(f['outlier'], 'outlier')}; every finding in {Path(args.out) / 'audit.csv'} (most "
+          f"suspicious first), the top ones in {Path(args.out) / 'report.html'}")
     return 0
 
 

@@ -42,11 +42,11 @@ WRITTEN: dict[str, tuple[str, ...]] = {
                       runs.METRICS_FILE, runs.PCA_FILE, runs.DATA_FILE, runs.REPORT_FILE, runs.REPORT_HTML_FILE,
                       runs.HISTORY_FILE, runs.CURVES_FILE, "*.weights.h5", runs.CACHE_DIR, runs.TENSORBOARD_DIR,
                       runs.FOLDS_FILE, runs.CV_BEST_FILE, runs.UNKNOWN_FILE) + _AUDIT,
-    "ensemble": _COMMON + (runs.ENSEMBLE_FILE, runs.METRICS_FILE),  # and its member runs, each marked itself
+    "ensemble": _COMMON + (runs.ENSEMBLE_FILE, runs.METRICS_FILE, runs.REPORT_HTML_FILE),  # and its member runs, each marked itself
     "evaluation": _COMMON + (runs.METRICS_FILE, "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
-                             "mistakes.png"),
+                             "mistakes.png", runs.REPORT_HTML_FILE),
     "explain": _COMMON + ("*.png",),
-    "audit": _COMMON + _AUDIT,
+    "audit": _COMMON + _AUDIT + (runs.REPORT_HTML_FILE,),
     "export": _COMMON + (runs.CLASSES_FILE, "savedmodel", "model.tflite", "model-fp16.tflite", "model-int8.tflite",
                          "model.onnx", "export.json"),
 }

@@ -35,8 +35,10 @@ def describe(accuracy: float, n: int, interval: tuple[float, float]) -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    """``1 image``, ``2 images``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+    """``1 image``, ``2 images``, ``1 class``, ``4 classes``."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{count} {noun}s"
 
 
 def describe_change(drop: float, interval: tuple[float, float]) -> str:
@@ -44,10 +46,16 @@ def describe_change(drop: float, interval: tuple[float, float]) -> str:
     2.4)``, ``0.7 points higher (95% CI -0.5 to 1.9)``; ``drop`` and ``interval`` are fractions, positive = lower."""
     points, low, high = 100 * drop, 100 * interval[0], 100 * interval[1]
     if round(points, 1) == 0:
-        return f"the same accuracy (95% CI of the change {-high:+.1f} to {-low:+.1f} points)"
+        return f"the same accuracy (95% CI of the change {_points(-high, True)} to {_points(-low, True)} points)"
     if points > 0:
-        return f"{points:.1f} points lower (95% CI {low:.1f} to {high:.1f})"
-    return f"{-points:.1f} points higher (95% CI {-high:.1f} to {-low:.1f})"
+        return f"{_points(points)} points lower (95% CI {_points(low)} to {_points(high)})"
+    return f"{_points(-points)} points higher (95% CI {_points(-high)} to {_points(-low)})"
+
+
+def _points(value: float, sign: bool = False) -> str:
+    """One decimal, never ``-0.0``; with ``sign`` a ``+`` on positive values."""
+    value = round(value, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{value:+.1f}" if sign and value else f"{value:.1f}"
 
 
 def auroc(negatives, positives, axis: int = -1):

@@ -20,7 +20,6 @@ trained model (see :mod:`toolkit.api.audit`).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 from pathlib import Path
@@ -29,12 +28,12 @@ from typing import Sequence
 import numpy as np
 
 from toolkit.core import runs
+from toolkit.core.uncertainty import plural
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["path", "issue", "given_label", "suggested_label", "score", "duplicate_of", "note"]
 OUTLIER_THRESHOLD = 0.37037  # cleanlab Datalab's default for features
-GALLERY_SIZE = 24
 FEW_CLASSES = 4  # below this many classes the estimated count of label issues is calibrated (cleanlab's advice)
 
 
@@ -147,45 +146,12 @@ def manifest(audit: AuditInput, findings) -> str:
     return frame.to_csv(index=False)
 
 
-def gallery_png(findings, most: int = GALLERY_SIZE) -> bytes:
-    """The top findings: thumbnail, issue, given → suggested label (or the duplicate's file), score."""
-    import matplotlib
+def write_audit(folder: Path, audit: AuditInput, findings, final: Path | None = None, page: bool = False) -> dict:
+    """audit.csv, audit-manifest.csv, audit.png, audit.json and, with ``page``, report.html into ``folder``, which
+    becomes ``final`` (default: itself; the words name that one); returns the summary."""
+    from toolkit.data.audit_report import audit_page, gallery_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    top = findings.head(most)
-    cols = 6
-    rows = max(1, -(-len(top) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.8), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, row in zip(axes.ravel(), top.itertuples()):
-        try:
-            with Image.open(row.path) as image:
-                image.draft("RGB", (160, 160))
-                image = image.convert("RGB")
-                image.thumbnail((160, 160))
-                ax.imshow(np.asarray(image))
-        except OSError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
-        if row.issue == "near_duplicate":
-            what = f"copy of {Path(row.duplicate_of).name}"[:28]
-        elif row.issue == "label":
-            what = f"{row.given_label} → {row.suggested_label}"
-        else:
-            what = f"outlier ({row.given_label})"
-        ax.set_title(f"{row.issue}\n{what}\nscore {row.score:.2f}", fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def write_audit(folder: Path, audit: AuditInput, findings) -> dict:
-    """audit.csv, audit-manifest.csv, audit.png and audit.json into ``folder``; returns the summary."""
+    final = folder if final is None else final
     runs.write_text(folder / runs.AUDIT_FILE, findings.to_csv(index=False))
     runs.write_text(folder / runs.AUDIT_MANIFEST, manifest(audit, findings))
     runs.write_bytes(folder / runs.AUDIT_GALLERY, gallery_png(findings))
@@ -194,7 +160,9 @@ def write_audit(folder: Path, audit: AuditInput, findings) -> dict:
     summary = {"images": len(audit.paths), "backbones": list(audit.backbones), "findings": counts,
                "near_duplicates_across_splits": leakage}
     runs.write_json(folder / runs.AUDIT_SUMMARY, summary)
-    logger.info("audit of %d images: %d label issues, %d near-duplicate pairs (%d across splits), %d outliers; "
-                "written to %s", len(audit.paths), counts["label"], counts["near_duplicate"], leakage, counts["outlier"],
-                folder)
+    if page:
+        runs.write_text(folder / runs.REPORT_HTML_FILE, audit_page(findings, summary, final))
+    logger.info("audit of %s: %s, %s (%d across splits), %s; every finding in %s", plural(len(audit.paths), "image"),
+                plural(counts["label"], "label issue"), plural(counts["near_duplicate"], "near-duplicate pair"), leakage,
+                plural(counts["outlier"], "outlier"), Path(final) / runs.AUDIT_FILE)
     return summary

@@ -100,14 +100,13 @@ def _measurement_data(model: str | Path, data: str | Path | None):
                         f"validation images, but its --data cannot be read ({exc})") from None
     if data is None:
         cv = (Path(model) / runs.METRICS_FILE).is_file() and "cv" in runs.read_json(Path(model) / runs.METRICS_FILE, "")
-        what = (f"the run's validation split ({len(splits.val)} images"
-                + ("; a cross-validated model trained on them too: pass --data with held-out images for an "
-                   "unbiased accuracy)" if cv else ")"))
+        what = "the run's validation split" + (" (the cross-validated model also trained on these images: pass "
+                                                "--data with held-out images for an unbiased accuracy)" if cv else "")
         return splits.train, splits.val, what
     from toolkit.predict.evaluate import evaluation_split
 
     split, _, which = evaluation_split(data)
-    return splits.train, split, f"{data} ({which}, {len(split)} images)"
+    return splits.train, split, f"{data} ({which})"
 
 
 def _export_tflite(keras_model, fmt: str, target: Path, member, size: int, measure_on) -> None:

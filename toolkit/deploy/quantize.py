@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.core.uncertainty import accuracy_interval, describe_change, difference_interval
+from toolkit.core.uncertainty import accuracy_interval, describe_change, difference_interval, plural
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,8 @@ def calibrated_int8(saved_model: Path, float_bytes: bytes, train, size: int, cro
     whose probabilities are closest to the float model's (mean KL divergence) on other training images is kept.
 
     TFLite calibrates each activation's range on the minimum and maximum over the draw, so one unusual image
-    widens a range and coarsens it for every other image. Measured on clothing-small's test set (docs/benchmarks/deploy-formats.md):
-    over 14 draws of 100 images the int8 accuracy moved between 0.852 and 0.874, the draws' KL on the check images
-    (no labels used) fell in two groups, and the low-KL group lost 1.4 points against 2.5 for the other. Returns
-    the model and what was tried (for ``export.json``)."""
+    widens a range and coarsens it for every other image; the KL on the check images needs no labels. The measured
+    result is in docs/benchmarks/deploy-formats.md. Returns the model and what was tried (for ``export.json``)."""
     check_index, draws = calibration_draws(len(train), seed)
     check, _ = evaluation_images(train.take(check_index), size, crop_fraction)
     reference = run_tflite(float_bytes, check)
@@ -92,8 +90,8 @@ def calibrated_int8(saved_model: Path, float_bytes: bytes, train, size: int, cro
         divergence = float(np.mean(np.sum(reference * (np.log(reference + 1e-9) - np.log(probs + 1e-9)), axis=1)))
         tried.append((divergence, float((probs.argmax(1) == reference.argmax(1)).mean()), flat))
     best = int(np.argmin([t[0] for t in tried]))
-    logger.info("export: int8 calibrated on %d draws of %d training images; kept draw %d (KL %s from the float model "
-                "on %d other training images)", len(draws), len(draws[0]), best + 1,
+    logger.info("export: int8 calibrated on %s of %d training images; kept draw %d (KL %s from the float model "
+                "on %d other training images)", plural(len(draws), "draw"), len(draws[0]), best + 1,
                 " / ".join(f"{t[0]:.4f}" for t in tried), len(check_index))
     report = {"calibration_images": len(draws[0]), "check_images": len(check_index), "chosen_draw": best + 1,
               "draw_kl_divergence": [t[0] for t in tried], "draw_top1_agreement": [t[1] for t in tried]}
@@ -157,7 +155,7 @@ def measure(float_bytes: bytes, quantized_bytes: bytes, kind: str, images: np.nd
         logger.warning("export: %s accuracy %.4f is %.1f points (95%% CI %.1f to %.1f) below the float model's %.4f on "
                        "%d images (%s); check it on your own images before deploying it", kind,
                        out[f"{kind}_accuracy"], 100 * drop, low, high, out["float_accuracy"], len(labels), measured_on)
-    logger.info("export: %s %.4f vs float %.4f accuracy (%s), top-1 agreement %.4f, %.2fx the size, %.1f vs %.1f ms "
+    logger.info("export: %s accuracy %.4f vs float %.4f, %s; top-1 agreement %.4f, %.2fx the size, %.1f vs %.1f ms "
                 "per image (1 thread), on %d images", kind, out[f"{kind}_accuracy"], out["float_accuracy"],
                 describe_change(drop, out["accuracy_drop_ci95"]), out["top1_agreement"], out["size_ratio"],
                 out[f"{kind}_latency_ms"], out["float_latency_ms"], len(labels))

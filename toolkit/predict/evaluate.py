@@ -114,7 +114,10 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
         runs.write_json(stage / runs.METRICS_FILE, metrics)
         _write_confusion(stage, np.asarray(metrics["confusion_matrix"]), class_names)
         _write_predictions(stage, split.paths, probs, labels, class_names)
-        runs.write_bytes(stage / "mistakes.png", mistakes_png(split.decode_paths, probs, labels, class_names))
+        runs.write_bytes(stage / "mistakes.png", mistakes_png(split.decode_paths, probs, labels, class_names,
+                                                             shown_paths=split.paths))
+        runs.write_text(stage / runs.REPORT_HTML_FILE, evaluation_page(metrics, split, probs, labels, data,
+                                                                       splits.skipped()))
     logger.info("evaluate: accuracy %.4f on %d images (%s; %s); written to %s", metrics["accuracy"], metrics["n"],
                 which, "no TTA" if tta == "none" else f"TTA {tta}", out)
     return metrics
@@ -144,3 +147,32 @@ def _write_predictions(out: Path, paths, probs: np.ndarray, labels: np.ndarray, 
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     runs.write_text(out / "predictions.csv", buffer.getvalue())
+
+
+SPLIT_WORDS = {"test": "its test/ split", "validation": "its validation split", "all": "all of its images"}
+
+
+def evaluation_page(metrics: dict[str, Any], split, probs: np.ndarray, labels: np.ndarray, data: str,
+                    skipped: Sequence) -> str:
+    """The evaluation's report.html: accuracy per class, unknown answers, confusion, calibration, mistakes."""
+    from toolkit.core import html_page as hp
+    from toolkit.core.uncertainty import plural
+    from toolkit.predict import report_sections as rs
+
+    source = f"{data} ({SPLIT_WORDS[metrics['split']]})"
+    tta = "no test-time augmentation" if metrics["tta"] == "none" else f"test-time augmentation {metrics['tta']}"
+    models = ", ".join(metrics["models"])
+    sections = [rs.metrics_section(metrics, source)]
+    if "unknown" in metrics:
+        u = metrics["unknown"]
+        sections.append(hp.Section("unknown", "Unknown answers", hp.paragraph(
+            f"{plural(u['n_rejected'], 'image')} of {metrics['n']} ({u['rejected']:.1%}) answered unknown (the "
+            f"threshold rejects {u['target_rejection']:.0%} of held-out known-class images); accuracy on the "
+            f"{u['n_accepted']} accepted: {u['accepted_accuracy']:.4f} (95% CI {u['accepted_accuracy_ci95'][0]:.2f}–"
+            f"{u['accepted_accuracy_ci95'][1]:.2f}).")))
+    sections += [rs.confusion_section(metrics, source),
+                 rs.calibration_section(probs, labels, None, source, f"Expected calibration error {metrics['ece']:.4f}"
+                                        " of the probabilities predict gives (the run's temperature applied)."),
+                 rs.mistakes_section(split.paths, split.decode_paths, probs, labels, metrics["class_names"], source),
+                 rs.problems_section(skipped)]
+    return hp.page("Evaluation report", f"{models} on {source}, {plural(metrics['n'], 'image')}, {tta}", sections)

@@ -53,8 +53,39 @@ def class_activation_map(member, image: np.ndarray, class_name: str | None = Non
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     import matplotlib
 
-    heat = matplotlib.colormaps["jet"](cam)[..., :3] * 255.0
+    heat = matplotlib.colormaps[COLOUR_MAP](cam)[..., :3] * 255.0
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
+
+
+COLOUR_MAP = "jet"
+
+
+def labelled_overlay(image: np.ndarray, cam: np.ndarray, caption: Sequence[str]):
+    """The overlay at the image's own resolution, above a band that says what is shown (``caption``: two lines,
+    e.g. class and probability, then the file) and the colour scale (low to high activation of this map)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = image.shape[:2]
+    band = max(44, w // 10)
+    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(overlay(image, cam)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(11, band // 3))
+    pad = max(3, band // 10)
+    scale_w = max(w // 4, int(draw.textlength("low high", font=font)) + pad)
+    ramp = (matplotlib.colormaps[COLOUR_MAP](np.linspace(0, 1, scale_w))[:, :3] * 255).astype(np.uint8)
+    bar = np.repeat(ramp[None], max(4, band // 5), axis=0)
+    x0 = w - scale_w - pad
+    canvas.paste(Image.fromarray(bar), (x0, h + pad))
+    draw.text((x0, h + pad + bar.shape[0] + 1), "low", fill=(0, 0, 0), font=font)
+    draw.text((x0 + scale_w, h + pad + bar.shape[0] + 1), "high", fill=(0, 0, 0), font=font, anchor="ra")
+    room = x0 - 2 * pad
+    for row, line in enumerate(caption[:2]):
+        while draw.textlength(line, font=font) > room and len(line) > 2:
+            line = line[:-2] + "…"
+        draw.text((pad, h + pad + row * (band - 2 * pad) // 2), line, fill=(0, 0, 0), font=font)
+    return canvas
 
 
 def safe_file_name(text: str) -> str:
@@ -64,7 +95,8 @@ def safe_file_name(text: str) -> str:
 
 def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
             overwrite: bool = False) -> list[Path]:
-    """One CAM overlay per readable image into the folder ``out``. The class explained (the predicted one, or
+    """One CAM overlay per readable image into the folder ``out``, labelled below with the class, its probability,
+    the file name and the colour scale. The class explained (the predicted one, or
     ``class_name``) and the probability logged are ``toolkit predict``'s: the calibrated probability of the
     evaluation centre crop; the map itself is of the whole image."""
     from PIL import Image
@@ -95,7 +127,8 @@ def explain(model: str, images: Sequence[str], out: str | Path, class_name: str 
             if (stage / name).exists():  # the same file name in two folders
                 name = f"{Path(name).stem}-{len(written) + 1}.png"
             with runs.atomic_path(stage / name) as tmp:
-                Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")
+                caption = (f"{member.class_names[index]} p={probs[index]:.2f}", Path(record.path).name)
+                labelled_overlay(image, cam, caption).save(tmp, format="PNG")
             logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index],
                         Path(out) / name)
             written.append(Path(out) / name)

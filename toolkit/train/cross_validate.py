@@ -131,5 +131,5 @@ def _audit(run: Run, evaluated: OutOfFold, backbone, pooled) -> None:
     audit = AuditInput(evaluated.paths, evaluated.labels, splits.class_names, evaluated.probs, evaluated.features, names,
                        duplicate_embedding(backbone, pooled, run.config.batch_size), pooled.decode_paths,
                        (run.config.backbone,))
-    write_audit(run.dir, audit, find_issues(audit))
+    write_audit(run.dir, audit, find_issues(audit), run.final_dir)
     run.timed("audit_s", start)

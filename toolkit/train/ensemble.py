@@ -36,9 +36,11 @@ def finetune_ensemble(
     of seeds of the configured backbone (``3``: seeds s, s+1, s+2).
     """
     from toolkit.predict.calibration import calibrate
+    from toolkit.predict.evaluate import classification_metrics
     from toolkit.predict.inference import predict_ensemble
     from toolkit.predict.members import load_models
     from toolkit.train.finetune import resume as resume_run
+    from toolkit.train.report_page import ensemble_page
 
     if resume is not None:
         folder = Path(resume).resolve()
@@ -81,11 +83,12 @@ def finetune_ensemble(
 
     first = load_config(folder / spec.members[0] / runs.RECIPE_FILE)
     if first.fold:  # cross-validated members: each scores its own fold, never seen in its training
-        probs, labels, cv = _out_of_fold(folder, spec.members, first)
+        probs, labels, cv, images = _out_of_fold(folder, spec.members, first)
     else:  # the ensemble on the validation split (members share data and seed of the split)
         splits = load_splits(first.data, first.val_fraction, first.seed)
-        probs = predict_ensemble(load_models([folder]), splits.val.decode_paths, splits.val.is_jpeg)
-        labels, cv = np.asarray(splits.val.labels), None
+        images = splits.val
+        probs = predict_ensemble(load_models([folder]), images.decode_paths, images.is_jpeg)
+        labels, cv = np.asarray(images.labels), None
     correct = probs.argmax(1) == labels
     metrics = {
         "val_accuracy": float(correct.mean()),
@@ -97,6 +100,9 @@ def finetune_ensemble(
     if cv is not None:
         metrics["cv"] = cv
     runs.write_json(folder / runs.METRICS_FILE, metrics)
+    runs.write_text(folder / runs.REPORT_HTML_FILE, ensemble_page(
+        spec.replaces or folder, metrics, classification_metrics(probs, labels, images.class_names), probs, labels,
+        images, images.class_names))
     if spec.replaces is not None:
         swap_in(folder, spec.replaces, "ensemble")
         folder = folder.with_name(spec.replaces.name)
@@ -106,8 +112,9 @@ def finetune_ensemble(
     return FinetuneResult(folder, metrics, members=metrics["members"])
 
 
-def _out_of_fold(folder: Path, members: list[str], first: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Every labelled image's probabilities from the member that validated on it; (probs, labels, the cv block)."""
+def _out_of_fold(folder: Path, members: list[str], first: FinetuneConfig):
+    """Every labelled image's probabilities from the member that validated on it; (probs, labels, the cv block,
+    the images)."""
     from toolkit.predict.evaluate import classification_metrics
     from toolkit.predict.inference import predict_ensemble
     from toolkit.predict.members import load_models
@@ -127,7 +134,8 @@ def _out_of_fold(folder: Path, members: list[str], first: FinetuneConfig) -> tup
     evaluated = OutOfFold(per_head[np.arange(len(labels)), fold_of], labels, held, len(members),
                           [runs.read_json(folder / name / runs.METRICS_FILE, "").get("finetune_best_epoch", 0)
                            for name in members], per_head)
-    return evaluated.probs, labels, evaluated.summary(classification_metrics(evaluated.probs, labels, splits.class_names))
+    measured = classification_metrics(evaluated.probs, labels, splits.class_names)
+    return evaluated.probs, labels, evaluated.summary(measured), pooled
 
 
 def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneConfig]:

@@ -76,8 +76,10 @@ class FoldCheckpoint(keras.callbacks.Callback):
                 p.fold_wait[k] += 1
         p.epochs_done = epoch + 1
         p.best_loss, p.best_epoch, p.wait = float(np.mean(p.fold_best_loss)), max(p.fold_best_epoch), min(p.fold_wait)
+        trained = ~self.held  # each head's own training images, on their centre crops
+        fit = [(per_head[trained[:, k], k].argmax(1) == self.labels[trained[:, k]]).mean() for k in range(k_heads)]
         p.history.append({"stage": Stage.CV.value, "epoch": epoch + 1, "loss": float((logs or {}).get("loss", math.nan)),
-                          "val_loss": float(np.mean(losses)),
+                          "accuracy": float(np.mean(fit)), "val_loss": float(np.mean(losses)),
                           "val_accuracy": float((oof[held].argmax(1) == self.labels[held]).mean())})
         if self.store is not None:
             self.store(self.model, p, self.best)

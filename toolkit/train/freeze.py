@@ -84,7 +84,7 @@ def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages
                 band = f"{threshold}-{upper - 1}" if upper else f">= {threshold}"
                 if threshold == 0:
                     band = f"< {upper}"
-                reason = (f"auto: {train_images} images, {num_classes} classes, {per_class:.0f} per class "
+                reason = (f"auto: {train_images} training images, {num_classes} classes, {per_class:.0f} per class "
                           f"(rule: {band} per class) → {words}")
                 return FreezePlan("auto", unfrozen, total, stages, reason)
             upper = threshold

@@ -1,11 +1,9 @@
 """What a finished run writes: ``model.keras``, the metrics, the history and its curves, ``report.md``, and
-``report.html`` (one self-contained page, its figures embedded)."""
+``report.html`` (one self-contained page, its figures embedded: :mod:`toolkit.train.report_page`)."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import io
 from typing import Any
 
@@ -14,7 +12,6 @@ import numpy as np
 from toolkit.core import runs
 from toolkit.core.uncertainty import describe
 from toolkit.data.datasets import DatasetSplits
-from toolkit.predict.calibration import apply_temperature
 from toolkit.train.run_state import Run, Stage
 
 
@@ -34,12 +31,20 @@ def markdown_cell(text: str, code: bool = False) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str] | None = None) -> str:
-    """The run's report.md: data summary, problems found, and any further sections."""
-    lines = ["# Run report", "", "## Data", "", f"Source: {splits.source}; validation: {splits.val_source}.", ""]
-    lines += ["| class | train | val |", "|---|---:|---:|"]
-    for name in splits.class_names:
-        lines.append(f"| {markdown_cell(name)} | {stats['train_per_class'][name]} | {stats['val_per_class'][name]} |")
+def report_markdown(splits: DatasetSplits, stats: dict, sections: dict[str, str] | None = None,
+                    cv: dict | None = None) -> str:
+    """The run's report.md: data summary, problems found, and any further sections; ``cv`` is a cross-validated
+    run's ``metrics.json`` block (every image was cross-validated: no train/validation table)."""
+    if cv:
+        counts = (splits.train + splits.val).counts()
+        lines = ["# Run report", "", "## Data", "", f"Source: {splits.source}. All {cv['n_images']} images were "
+                 f"cross-validated, {cv['folds']} folds x {cv['repeats']} repeats (folds.csv).", ""]
+        lines += ["| class | images |", "|---|---:|"] + [f"| {markdown_cell(n)} | {counts[n]} |" for n in splits.class_names]
+    else:
+        lines = ["# Run report", "", "## Data", "", f"Source: {splits.source}; validation: {splits.val_source}.", ""]
+        lines += ["| class | train | val |", "|---|---:|---:|"]
+        lines += [f"| {markdown_cell(n)} | {stats['train_per_class'][n]} | {stats['val_per_class'][n]} |"
+                  for n in splits.class_names]
     lines += ["", f"Imbalance ratio (largest / smallest train class): {stats['imbalance_ratio']}."]
     if "image_size" in stats:
         size = stats["image_size"]
@@ -109,7 +114,8 @@ def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, measure
     import keras
     import pandas as pd
 
-    from toolkit.predict.figures import confusion_png, curves_png, reliability_png
+    from toolkit.predict.figures import curves_png
+    from toolkit.train.report_page import run_page
 
     # The saved model is plain functional Keras (no training optimizer), loadable in safe mode.
     export = keras.Model(model.input, model.output, name="classifier")
@@ -123,60 +129,13 @@ def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, measure
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     runs.write_text(run.dir / runs.HISTORY_FILE, buffer.getvalue())
-    figures = {}
+    curves = None
     if len(frame):
-        figures["curves"] = curves_png(frame)
-        runs.write_bytes(run.dir / runs.CURVES_FILE, figures["curves"])
+        curves = curves_png(frame)
+        runs.write_bytes(run.dir / runs.CURVES_FILE, curves)
     training = _training_lines(run, plan, metrics)
     timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
     runs.write_text(run.dir / runs.REPORT_FILE, report_markdown(
-        splits, stats, {"Training": "\n".join(f"- {line}" for line in training), "Timings": timings}))
-    figures["confusion"] = confusion_png(np.asarray(measured["confusion_matrix"]), splits.class_names)
-    figures["calibration"] = reliability_png(probs, labels, apply_temperature(probs, metrics["temperature"]))
-    runs.write_text(run.dir / runs.REPORT_HTML_FILE, report_html(splits, stats, training, measured, figures))
-
-
-_STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}table{border-collapse:collapse;"
-          "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}td.n{text-align:right}img{max-width:100%}"
-          "code{font-size:90%}.skipped{color:#a00}.warning{color:#a60}")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if isinstance(c, (int, float)) else
-                                    f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{cells}</tr>{body}</table>"
-
-
-def _figure(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def report_html(splits: DatasetSplits, stats: dict, training: list[str], measured: dict,
-                figures: dict[str, bytes]) -> str:
-    """report.html: one page that needs nothing else (every figure embedded as a data: URI)."""
-    parts = [f"<h1>Run report</h1><h2>Data</h2><p>Source: {html.escape(splits.source)}; validation: "
-             f"{html.escape(splits.val_source)}. Imbalance ratio (largest / smallest train class): "
-             f"{stats['imbalance_ratio']}.</p>",
-             _table(["class", "train", "val"], [[c, stats["train_per_class"][c], stats["val_per_class"][c]]
-                                                for c in splits.class_names])]
-    parts.append("<h2>Problems found</h2>")
-    if splits.problems:
-        parts.append("<table><tr><th>severity</th><th>file</th><th>reason</th></tr>" + "".join(
-            f'<tr class="{html.escape(p.severity)}"><td>{html.escape(p.severity)}</td><td><code>{html.escape(p.path)}'
-            f"</code></td><td>{html.escape(p.reason)}</td></tr>" for p in splits.problems) + "</table>")
-    else:
-        parts.append("<p>None.</p>")
-    parts.append("<h2>Training</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in training) + "</ul>")
-    if "curves" in figures:
-        parts.append(_figure(figures["curves"], "loss and accuracy per epoch"))
-    parts.append(f"<h2>Validation metrics</h2><p>Accuracy "
-                 f"{html.escape(describe(measured['accuracy'], measured['n'], measured['accuracy_ci95']))}; "
-                 f"macro F1 {measured['macro_f1']:.4f}.</p>")
-    parts.append(_table(["class", "precision", "recall", "F1", "images"], [
-        [name, round(v["precision"], 4), round(v["recall"], 4), round(v["f1"], 4), v["support"]]
-        for name, v in measured["per_class"].items()]))
-    parts.append("<h2>Confusion matrix</h2>" + _figure(figures["confusion"], "confusion matrix"))
-    parts.append("<h2>Calibration</h2>" + _figure(figures["calibration"], "reliability diagram"))
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Run report</title><style>{_STYLE}</style>'
-            f"</head><body>{''.join(parts)}</body></html>\n")
+        splits, stats, {"Training": "\n".join(f"- {line}" for line in training), "Timings": timings}, metrics.get("cv")))
+    runs.write_text(run.dir / runs.REPORT_HTML_FILE, run_page(run, stats, training, metrics, measured, probs, labels,
+                                                               curves))
