@@ -183,6 +183,20 @@ def test_set_epochs_and_lr_reach_the_run_recipe(sample_data, tmp_path, capsys):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_without_tensorboard_one_info_line_says_so_and_how_to_get_it(monkeypatch, caplog):
+    import logging
+
+    from toolkit.train.run_state import Stage
+    from toolkit.train.stages import tensorboard_callbacks
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        assert tensorboard_callbacks(None, Stage.HEAD) == [] and tensorboard_callbacks(None, Stage.FINETUNE) == []
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == ['no tensorboard/ in the run folder: TensorBoard logs need the tensorboard package (pip install '
+                    '"toolkit-finetune[tensorboard]")']  # once per run: stage 2 does not repeat it
+
+
 def test_a_mistyped_flag_shows_the_subcommands_usage(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["finetune", "--head-epoks", "3"])

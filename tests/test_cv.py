@@ -132,11 +132,15 @@ def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     cv = metrics["cv"]
     assert cv["folds"] == 5 and cv["repeats"] == 3 and cv["n_images"] == 96 and len(cv["fold_accuracy"]) == 15
+    assert cv["estimate_heads"] == cv["heads"] == 15 and "model that is shipped" in cv["estimates"]
+    assert "each scored by 15 heads that never saw it, as the model averages 15" in printed
+    assert "cross-validation then pooled all 96 labelled images, each head training on about 77)" in printed
     low, high = cv["accuracy_ci95"]
     assert low <= cv["accuracy"] <= high and cv["accuracy"] > 0.8
     assert metrics["val_accuracy"] == cv["accuracy"] and metrics["n_val"] == 96
     folds = (run / "folds.csv").read_text().splitlines()
-    assert folds[0] == "path,label,fold_1,fold_2,fold_3" and len(folds) == 97
+    # the model's 3 repeats, and 12 more for the estimate: each image held out by 15 heads, one per repeat
+    assert folds[0] == "path,label," + ",".join(f"fold_{r}" for r in range(1, 16)) and len(folds) == 97
     assert (run / "audit.csv").read_text().startswith("path,issue,given_label,suggested_label,score,duplicate_of")
     assert (run / "audit.png").stat().st_size > 1000
     # report.html: every image cross-validated, out-of-fold numbers, the audit's findings
@@ -145,6 +149,17 @@ def test_cross_validated_run_end_to_end(sample_data, tmp_path, capsys):
     assert "All 96 images were cross-validated, 5 folds x 3 repeats" in dom and "<th>train</th>" not in dom
     assert "fitted on the out-of-fold predictions of every image" in dom and "validation split" not in dom
     assert f"every finding, most suspicious first, is in {run / 'audit.csv'}".lower() in dom.lower()
+    # the model is the first 3 repeats' 15 heads, as they were trained (the other 60 served the estimate only)
+    import keras
+
+    from toolkit.train.fold_heads import load_best
+
+    model = keras.models.load_model(run / "model.keras")
+    assert tuple(model.get_layer("fold_probs").output.shape[1:]) == (15, 4)
+    best = load_best(run / "cv.best.npz")
+    assert sorted(best) == list(range(75))
+    kernel, bias = model.get_layer("class_maps").get_weights()
+    np.testing.assert_array_equal(kernel, np.concatenate([best[k][0] for k in range(15)], axis=-1))
     # predict sees one ordinary model
     assert main(["-q", "predict", "--model", str(run), "--images", str(sample_data / "circle"), "--out",
                  str(tmp_path / "p.csv")]) == 0
@@ -209,7 +224,8 @@ def test_resume_in_the_middle_of_the_folds(sample_data, tmp_path):
     state = json.loads(state_file.read_text())
     epochs = [row["epoch"] for row in state["cv"]["history"]]
     assert epochs == list(range(1, 41))  # continued after the kill, nothing repeated, nothing lost
-    assert len(state["cv"]["fold_best_epoch"]) == 9 and all(b >= 1 for b in best_before)
+    # 3 folds x 3 repeats for the model, x 3 again for the estimate: every head's early stopping resumed
+    assert len(state["cv"]["fold_best_epoch"]) == 27 and all(b >= 1 for b in best_before)
     assert state["finished"] and (run / "model.keras").is_file()
     assert json.loads((run / "metrics.json").read_text())["cv"]["n_images"] == 96
 

@@ -15,7 +15,7 @@ and ``cli`` over ``config`` and ``core``; imports run one way (see ``pyproject.t
 from __future__ import annotations
 
 DISTRIBUTION = "toolkit-finetune"
-API = ("finetune", "resume", "load", "audit", "Run")
+API = ("finetune", "resume", "load", "audit", "embed", "Run")
 __all__ = ["__version__", *API]
 
 

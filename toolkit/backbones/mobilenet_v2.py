@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import keras
 
-from toolkit.backbones.blocks import TOP_LAYER, BNConfig, TorchNames, classifier_top, conv_bn, mbconv, normalization
+from toolkit.backbones import preprocessing
+from toolkit.backbones.blocks import TOP_LAYER, BNConfig, TorchNames, classifier_top, conv_bn, mbconv
 from toolkit.backbones.registry import Stage
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _BN = BNConfig(epsilon=1e-5, momentum=0.9)
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision order.
@@ -31,7 +30,7 @@ FEATURE_LAYER = "head_relu"
 def build(input_shape: tuple, include_top: bool) -> tuple[keras.Model, dict[str, str]]:
     mapping: dict[str, str] = {}
     inputs = keras.Input(shape=input_shape, name="image")
-    x = normalization(tuple(255.0 * m for m in IMAGENET_MEAN), tuple(255.0 * s for s in IMAGENET_STD))(inputs)
+    x = preprocessing.apply("torch", inputs)  # x / 255, then torchvision's ImageNet mean and std
     x = conv_bn(x, 32, 3, 2, "stem", "torch", _BN, mapping, "features.0.0", "features.0.1")
 
     channels, index = 32, 1

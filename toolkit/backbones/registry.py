@@ -28,11 +28,14 @@ class Stage:
     ``prefix``: every layer of the stage has a name starting with it. The stage
     ends at the *last* layer (in the model's topological order) with that
     prefix, and everything after the previous stage's end belongs to it, so
-    stages are found by name, never by a layer index.
+    stages are found by name, never by a layer index. A backbone brought by the
+    user names its stages' ends instead (``last``: the path of the stage's last
+    unit, :mod:`toolkit.backbones.units`).
     """
 
     name: str
     prefix: str
+    last: str | None = None
 
 
 # builder(input_shape, include_top) builds the network. Returns the model (raw
@@ -48,7 +51,7 @@ class BackboneSpec:
     name: str
     family: str
     builder: Builder
-    weights_source: Literal["offline-torch", "keras-imagenet"]
+    weights_source: Literal["offline-torch", "keras-imagenet", "keras-hub", "keras-file"]
     preprocessing: str
     input_size: int
     imagenet_top1: float | None
@@ -58,6 +61,7 @@ class BackboneSpec:
     checkpoint: str | None = None  # offline-torch: file name in toolkit.backbones.weights.KNOWN_CHECKPOINTS
     keras_weights_file: str | None = None  # keras-imagenet: cache file name of the no-top weights
     description: str = ""
+    fixed_size: bool = False  # the network takes only input_size (a ViT's position embeddings): no whole-image views
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -101,9 +105,12 @@ def stage_boundaries(layer_names: list[str], stages: tuple[Stage, ...]) -> list[
     """
     ends: list[int] = []
     for i, stage in enumerate(stages):
-        matches = [j for j, n in enumerate(layer_names) if n.startswith(stage.prefix)]
+        if stage.last is not None:
+            matches = [j for j, n in enumerate(layer_names) if n == stage.last]
+        else:
+            matches = [j for j, n in enumerate(layer_names) if n.startswith(stage.prefix)]
         if not matches:
-            raise ValueError(f"stage {stage.name!r}: no layer name starts with {stage.prefix!r}")
+            raise ValueError(f"stage {stage.name!r}: no layer name starts with {stage.last or stage.prefix!r}")
         end = len(layer_names) - 1 if i == len(stages) - 1 else matches[-1]
         if ends and end <= ends[-1]:
             raise ValueError(f"stage {stage.name!r} ends before the previous stage; stages out of order")

@@ -1,4 +1,4 @@
-"""The ``toolkit`` commands that use trained runs: predict, evaluate, explain, export."""
+"""The ``toolkit`` commands that use trained runs: predict, embed, evaluate, explain, export, and audit."""
 
 from __future__ import annotations
 
@@ -42,6 +42,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """Write each image's pooled backbone features (an embedding for similarity search, clustering or
+    de-duplication), from a trained run (--model: its fine-tuned backbone) or a backbone with its own pretrained
+    weights (--backbone). One row per image: path, error (why an unreadable file has none), feature_0 ...; Parquet,
+    .npz or CSV by --out's suffix. The views are predict's; with --tta none an image's features are the run's
+    cached centre-crop features."""
+    from toolkit.api.run import embed
+    from toolkit.core import outputs
+    from toolkit.predict.embed import check_format, write, written_by_toolkit
+
+    check_format(args.out)
+    inputs = {"--images": args.images} | ({"--model": [args.model]} if args.model else {})
+    out = outputs.check_output_file(args.out, args.overwrite, inputs, written_by_toolkit=written_by_toolkit)
+    frame = embed(args.images, model=args.model, backbone=args.backbone, preprocess=args.backbone_preprocess,
+                  tta=args.tta, batch_size=args.batch_size, verbose=0 if args.quiet else 1)
+    write(frame, out)
+    from toolkit.core.uncertainty import plural
+
+    unreadable = int((frame["error"] != "").sum())
+    print(f"{plural(len(frame) - unreadable, 'image')} embedded ({frame.shape[1] - 2} features each), {unreadable} "
+          f"unreadable (rows say why); written to {out}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate one model or an ensemble on labelled data: DATA's test/ split if it has one, else its
     validation split, else every image. Writes metrics.json (accuracy, top-5 with 5+ classes, per-class
@@ -71,7 +95,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from toolkit.api.run import explain
 
     written = explain(args.model, args.images, args.out, class_name=args.class_name, overwrite=args.overwrite)
-    print(f"{len(written)} class-activation maps written to {args.out}")
+    from toolkit.core.uncertainty import plural
+
+    print(f"{plural(len(written), 'class-activation map')} written to {args.out}")
     return 0
 
 
@@ -136,6 +162,20 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-probs", action="store_true", help="also a prob_<class> column for every class")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     _unknown_arg(p)
+
+    p = subcommand(sub, "embed", _cmd_embed, "pooled backbone features of images (embeddings), to Parquet/npz/CSV")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or CSVs with a 'path' column")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="RUN", help="a trained run folder: its fine-tuned backbone")
+    source.add_argument("--backbone", metavar="SPEC", help="a backbone with its own pretrained weights: a registry "
+                        "name, keras_hub:<preset>, a keras-hub preset folder or a .keras file")
+    p.add_argument("--backbone-preprocess", default="auto", help="how a --backbone file expects its pixels (finetune's "
+                   "--backbone-preprocess)")
+    p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
+                   help="the views whose features are averaged (predict's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
+    p.add_argument("--out", default="embeddings.parquet", help="file to write: .parquet, .npz or .csv")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = subcommand(sub, "evaluate", _cmd_evaluate,
                    "accuracy, per-class metrics, confusion matrix, calibration, mistakes")

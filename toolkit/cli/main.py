@@ -21,30 +21,6 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("toolkit").setLevel(level)
 
 
-# ----------------------------------------------------------------------------- backbones
-
-
-def _cmd_backbones(args: argparse.Namespace) -> int:
-    """List registered backbones: name, parameters (without the ImageNet classifier), default input size,
-    ImageNet top-1 (%), whether their ImageNet weights can be loaded on this machine now (installed
-    offline package, Keras cache, or a download is needed), and family."""
-    from toolkit import backbones
-
-    rows = []
-    for name in backbones.names():
-        spec = backbones.get_spec(name)
-        available, where = backbones.weights_available(name)
-        top1 = f"{spec.imagenet_top1:.1f}" if spec.imagenet_top1 is not None else "-"
-        rows.append((name, f"{spec.params / 1e6:.1f}M", str(spec.input_size), top1, f"{'yes' if available else 'no'} ({where})", spec.family))
-    header = ("name", "params", "input", "top-1", "weights here now", "family")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    return 0
-
-
 # ----------------------------------------------------------------------------- finetune
 
 
@@ -78,15 +54,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return 3
     for name, accuracy in result.members.items():
         print(f"member {name}: validation accuracy {accuracy:.4f}")
-    if result.plan is not None:
-        print(f"freeze plan: {result.plan.describe()}")
-    kind = "ensemble " if result.members else ""
+    from toolkit.train.report import accuracy_line, freeze_line
+
     m = result.metrics
+    if result.plan is not None:
+        print(freeze_line(result.plan, m))
+    kind = "ensemble " if result.members else ""
     if result.members and "cv" not in m:
         print(f"{kind}validation accuracy: {describe(m['val_accuracy'], m['n_val'], m['val_accuracy_ci95'])}")
     else:
-        from toolkit.train.report import accuracy_line
-
         print(accuracy_line(m))
     print(f"{kind or 'run '}folder: {result.path}")
     return 0
@@ -252,6 +228,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from toolkit.cli.flags import SuggestingParser, subcommand
+    from toolkit.cli.backbones import add_backbones_command
     from toolkit.cli.inference import add_inference_commands
 
     parser = SuggestingParser(
@@ -267,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_commands(sub)
     _add_inspect(sub)
     _add_data_service(sub)
-    subcommand(sub, "backbones", _cmd_backbones, "list the available backbones")
+    add_backbones_command(sub)
     return parser
 
 

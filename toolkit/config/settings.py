@@ -19,6 +19,7 @@ CROP_MODES = ("random_resized", "resize_crop", "none")
 CLASS_WEIGHT_MODES = ("auto", "on", "off")
 CACHE_MODES = ("auto", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # see toolkit.train.distribute
+PREPROCESS_CHOICES = ("auto", "raw", "unit", "tf", "torch", "caffe")  # toolkit.backbones.preprocessing
 # Bounds of the numbers that size tensors: past them a run only exhausts memory (a 30000 px image is a 10 GB
 # batch) or stalls; the largest ImageNet backbones train at 600 px.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
@@ -77,9 +78,17 @@ class FinetuneConfig:
     """Every setting of a run. A config is validated once, when it is built (``__post_init__``)."""
 
     data: str = setting("", "dataset folder or CSV manifest", metavar="DIR|CSV")
-    backbone: str = setting("mobilenet_v2", "backbone name; `toolkit backbones` lists them")
-    weights: str = setting("imagenet", "'imagenet', 'none' for random init, or a path to a Keras weights file (or "
-                           "torch .pth for mobilenet_v2 / efficientnet_lite*)")
+    backbone: str = setting("mobilenet_v2", "a registry name (`toolkit backbones` lists them), keras_hub:PRESET, a "
+                            "keras-hub preset folder, or a .keras file of a functional image model; for the last three "
+                            "the freeze plan's stages are inferred: where the feature map's resolution halves "
+                            "(convolutional networks) or the transformer blocks in 4 even groups (ViTs); `toolkit "
+                            "backbones --check SPEC` shows them", metavar="NAME|PATH")
+    backbone_preprocess: str = setting("auto", "how a preset or .keras backbone expects its pixels: auto (the "
+                                       "preset's image converter, or raw when the model's first layer rescales), "
+                                       "raw [0, 255], unit [0, 1], tf [-1, 1], torch (ImageNet mean/std), caffe (BGR "
+                                       "minus mean)", metavar="|".join(PREPROCESS_CHOICES))
+    weights: str = setting("imagenet", "'imagenet' (a preset's or file's own weights), 'none' for random init, or a "
+                           "path to a Keras weights file (or torch .pth for mobilenet_v2 / efficientnet_lite*)")
     image_size: int = setting(0, "input size in pixels (0: the backbone's own)")
     batch_size: int = setting(32, "images per batch (per replica under a strategy)")
     freeze: str = setting("auto", "auto (from the data: docs/guide/training.md), all (head only), none (all stages train), a "
@@ -106,8 +115,9 @@ class FinetuneConfig:
     cv: str = setting("auto", "cross-validation folds: K >= 2 trains K fold heads on all labelled images (head-only "
                       "runs); auto: 5 when the plan is head only and the data has no validation split; off: holdout",
                       metavar="K|auto|off")
-    cv_repeats: int = setting(3, "repeats of the K-fold split with other shuffles (K x repeats heads): each image's "
-                              "out-of-fold estimate averages one head per repeat, as the model averages them all")
+    cv_repeats: int = setting(3, "repeats of the K-fold split with other shuffles: the model averages K x repeats "
+                              "heads; the estimate scores each image by as many heads that never saw it (the split "
+                              "repeated K x repeats times, the extra heads not shipped)")
     fold: str = setting("", "validate on fold k of K of all labelled images (k/K, 1 <= k <= K; the split of --cv K, "
                         "with the run's seed): what each member of a cross-validated ensemble trains with", metavar="k/K")
     val_fraction: float = setting(0.2, "held-out fraction when the data has no validation split, in (0, 1)")
@@ -130,8 +140,18 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         from toolkit import backbones
+        from toolkit.backbones.external import parse_source
 
-        backbones.get_spec(self.backbone)  # did-you-mean on a bad name
+        try:
+            external = parse_source(self.backbone, strict=False) is not None  # loaded when a run prepares
+        except UserError as exc:
+            raise RecipeError(str(exc)) from None
+        if not external:
+            backbones.get_spec(self.backbone)  # did-you-mean on a bad name
+            if self.backbone_preprocess != "auto":
+                raise RecipeError(f"backbone_preprocess applies to a backbone brought as a keras-hub preset or a "
+                                  f".keras file; {self.backbone!r} holds its own. Received: "
+                                  f"backbone_preprocess={self.backbone_preprocess!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -173,6 +193,7 @@ class FinetuneConfig:
         except UserError as exc:
             raise RecipeError(str(exc)) from None
         _choice(self, "class_weights", CLASS_WEIGHT_MODES)
+        _choice(self, "backbone_preprocess", PREPROCESS_CHOICES)
         _choice(self, "cache_features", CACHE_MODES)
         _choice(self, "strategy", STRATEGIES)
         if self.data_service:
@@ -187,7 +208,8 @@ class FinetuneConfig:
             raise RecipeError(f"min_accuracy must be in [0, 1]. Received: min_accuracy={self.min_accuracy!r}")
         from toolkit.config.choices import parse_freeze
 
-        parse_freeze(self.freeze, [s.name for s in backbones.get_spec(self.backbone).stages])
+        if not external:  # a preset's or file's stages are known once it is loaded (toolkit.train.freeze)
+            parse_freeze(self.freeze, [s.name for s in backbones.get_spec(self.backbone).stages])
         try:
             self.augment.validate()
         except RecipeError as exc:

@@ -308,9 +308,9 @@ def output_dir(path: str | Path, overwrite: bool, kind: str,
 
 
 def check_output_file(path: str | Path, overwrite: bool, inputs: Mapping[str, Sequence[str | Path]],
-                      header: str = runs.PREDICTIONS_HEADER) -> Path:
+                      header: str = runs.PREDICTIONS_HEADER, written_by_toolkit=None) -> Path:
     """Refuse a CSV ``--out`` that is a folder, an input, unwritable, or a file toolkit did not write (by its
-    header)."""
+    header, or ``written_by_toolkit(path) -> bool`` for another format)."""
     path = Path(path)
     check_apart(path, inputs)
     if path.is_dir():
@@ -321,6 +321,11 @@ def check_output_file(path: str | Path, overwrite: bool, inputs: Mapping[str, Se
         if not overwrite:
             raise RunExistsError(f"--out {str(path)!r} already exists. Choose another --out, or pass --overwrite "
                                  "to replace it.")
+        if written_by_toolkit is not None:
+            if not path.is_file() or not written_by_toolkit(path):
+                raise UserError(f"--overwrite refused: {str(path)!r} is not a file written by toolkit (not its "
+                                "columns). Choose another --out.")
+            return path
         try:
             with open(path, encoding="utf-8") as f:
                 first = f.readline(len(header) + 1)

@@ -49,9 +49,16 @@ TMP_TAIL_BYTES = 120  # of a target's name kept at the end of its temporary name
 PREDICTIONS_HEADER = "path,label,probability"
 
 
+def backbone_label(backbone: str) -> str:
+    """A backbone as part of a file name: its registry name, or the last part of a preset's or file's path."""
+    name = Path(str(backbone).removeprefix("keras_hub:").rstrip("/")).name.removesuffix(".keras") or "backbone"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60]
+
+
 def default_run_dir(backbone: str, root: str | Path = "runs") -> Path:
+    """``runs/<date>-<time>-<backbone label>``."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{stamp}-{backbone}"
+    return Path(root) / f"{stamp}-{backbone_label(backbone)}"
 
 
 @contextlib.contextmanager

@@ -68,6 +68,9 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
 
         check_image_size(image_size, "--image-size")
     member = load_member(model)
+    if image_size and member.fixed_size and image_size != member.fixed_size:
+        raise UserError(f"--image-size {image_size}: {model} takes only {member.fixed_size} px images (its backbone's "
+                        f"position embeddings are fixed); leave --image-size out")
     size = image_size or member.image_size
     measure_on = _measurement_data(model, data) if fmt.startswith("tflite-") else None
     keras_model = deployable_model(member, size)
@@ -149,7 +152,13 @@ def _export_onnx(keras_model, size: int, target: Path) -> None:
     concrete = tf.function(lambda image: keras_model(image, training=False)).get_concrete_function(spec)
     frozen = convert_variables_to_constants_v2(concrete)
     proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
-                                              output_names=[t.name for t in frozen.outputs], opset=17)
+                                              output_names=[t.name for t in frozen.outputs], opset=17,
+                                              custom_op_handlers={"Erfc": (_erfc_as_erf, [])})
+    unconverted = sorted({node.op_type for node in proto.graph.node if not node.domain and node.op_type not in
+                          _onnx_op_types()})
+    if unconverted:
+        raise ExportUnavailableError(f"ONNX export: the model holds TensorFlow ops ONNX cannot express "
+                                     f"({', '.join(unconverted)}); export it as savedmodel or tflite instead")
     # TensorFlow's tensor names ("image:0") become plain ones, as the other formats have them.
     renamed = {frozen.inputs[0].name: "image", frozen.outputs[0].name: "probabilities"}
     for value in list(proto.graph.input) + list(proto.graph.output):
@@ -158,6 +167,24 @@ def _export_onnx(keras_model, size: int, target: Path) -> None:
         node.input[:] = [renamed.get(n, n) for n in node.input]
         node.output[:] = [renamed.get(n, n) for n in node.output]
     target.write_bytes(proto.SerializeToString())
+
+
+def _erfc_as_erf(ctx, node, name, args) -> None:
+    """tf2onnx's handler for TensorFlow's Erfc (the exact GELU of transformer blocks), which ONNX lacks:
+    erfc(x) = 1 - erf(x), with ONNX's Erf."""
+    import numpy as np
+    from tf2onnx import utils
+
+    node.type = "Erf"
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype=np.float32))
+    ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{name}_one_minus"),
+                                  inputs=[one.output[0], node.output[0]])
+
+
+def _onnx_op_types() -> set[str]:
+    import onnx.defs
+
+    return {schema.name for schema in onnx.defs.get_all_schemas()}
 
 
 def _export_savedmodel(keras_model, target: Path) -> None:

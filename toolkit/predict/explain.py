@@ -32,8 +32,10 @@ def class_activation_map(member, image: np.ndarray, class_name: str | None = Non
     from toolkit.predict.inference import whole_image_size
 
     h, w = image.shape[:2]
-    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), whole_image_size((h, w), member.image_size,
-                                                                                         member.crop_fraction))
+    # the whole image at the model's scale; a model of one fixed input size (a ViT) sees it resized to that size
+    size = ((member.fixed_size,) * 2 if member.fixed_size else
+            whole_image_size((h, w), member.image_size, member.crop_fraction))
+    resized = tf.image.resize(tf.convert_to_tensor(image, tf.float32), size)
     maps, probs = cam_model(resized[tf.newaxis], training=False)
     probs = np.asarray(probs)[0]
     if class_name is None:

@@ -137,42 +137,45 @@ def predict_with_features(member: Member, decode_paths: Sequence[str], is_jpeg: 
 
 def _predict(member: Member, decode_paths, is_jpeg, mode: str, batch_size: int, progress, features: bool):
     """(probabilities, centre-crop features or None) of one member."""
+    if not decode_paths:
+        return np.zeros((0, len(member.class_names)), np.float32), (np.zeros((0, 1), np.float32) if features else None)
+    forward = member.forward(whole_images=mode == "full", features=features)
+    out, pooled = [], []
+    for result in view_batches(forward, decode_paths, is_jpeg, member.image_size, mode, member.crop_fraction,
+                               batch_size, progress):
+        out.append(result[0].mean(axis=1))
+        if features:
+            pooled.append(result[1][:, centre_view(mode)])
+    probs = np.concatenate(out)
+    return apply_temperature(probs, member.temperature), (np.concatenate(pooled).astype(np.float32) if features else None)
+
+
+def view_batches(forward, decode_paths, is_jpeg, size: int, mode: str, crop_fraction: float, batch_size: int,
+                 progress=None):
+    """``forward``'s outputs over every view of every image, a batch of images at a time: a list of arrays of
+    (images, views, ...) per batch (one per output of ``forward``).
+
+    One pipeline for all images: while a batch goes through the network, the next ones are decoded (each image
+    once, all its views cut from that decode), so decoding hides behind it. ``full``: one image at a time (the
+    sizes differ)."""
     import tensorflow as tf
 
     from toolkit.data.pipeline import finish, parallel_calls
 
     if mode not in TTA_MODES:
         raise ValueError(f"Unknown TTA mode. Received: tta={mode!r}; allowed: {', '.join(TTA_MODES)}")
-    if not decode_paths:
-        return np.zeros((0, len(member.class_names)), np.float32), (np.zeros((0, 1), np.float32) if features else None)
-    size = member.image_size
-    forward = member.forward(whole_images=mode == "full", features=features)
     files = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
-    decoded = files.map(_views_function(size, mode, member.crop_fraction), num_parallel_calls=parallel_calls(),
+    decoded = files.map(_views_function(size, mode, crop_fraction), num_parallel_calls=parallel_calls(),
                         deterministic=True)
-
-    out, pooled = [], []
-    if mode == "full":  # sizes differ per image: one image at a time
-        for views in finish(decoded):
-            out.append(np.asarray(forward(views)).mean(axis=0))
-            if progress:
-                progress(1)
-    else:
-        # One pipeline for all images: while a batch goes through the network, the next ones are
-        # decoded (each image once, all its views cut from that decode), so decoding hides behind it.
-        per_image = view_count(mode)
-        images_per_pass = max(1, batch_size // per_image)
-        for views in finish(decoded.batch(images_per_pass)):
-            count = int(views.shape[0])
-            result = forward(tf.reshape(views, (-1, size, size, 3)))
-            if features:
-                result, centre = result
-                pooled.append(np.asarray(centre, np.float32).reshape(count, per_image, -1)[:, centre_view(mode)])
-            out.append(np.asarray(result).reshape(count, per_image, -1).mean(axis=1))
-            if progress:
-                progress(count)
-    probs = np.concatenate(out) if mode != "full" else np.stack(out)
-    return apply_temperature(probs, member.temperature), (np.concatenate(pooled) if features else None)
+    per_image = 1 if mode == "full" else view_count(mode)
+    images_per_pass = 1 if mode == "full" else max(1, batch_size // per_image)
+    for views in finish(decoded.batch(images_per_pass) if mode != "full" else decoded.map(lambda v: v[tf.newaxis])):
+        count = int(views.shape[0])
+        result = forward(tf.reshape(views, (-1, *views.shape[2:])))
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        yield [np.asarray(r).reshape(count, per_image, *np.asarray(r).shape[1:]) for r in result]
+        if progress:
+            progress(count)
 
 
 def predict_ensemble(members: Sequence[Member], decode_paths, is_jpeg, mode: str = "none", batch_size: int = 32,

@@ -38,6 +38,11 @@ class Member:
     weight: float = 1.0
     _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    @property
+    def fixed_size(self) -> int | None:
+        """The only input size the model takes (a ViT's position embeddings), or None: any size."""
+        return self.model.input_shape[1]
+
     def forward(self, whole_images: bool = False, features: bool = False):
         """The model's inference call, compiled once per member: a fixed input signature with any batch
         (and, for whole images, any height and width) means no re-tracing between calls or batches. With
@@ -45,6 +50,10 @@ class Member:
         import tensorflow as tf
 
         key = (whole_images, features)
+        if whole_images and self.fixed_size:
+            raise UserError(f"--tta full: {self.path} takes only {self.fixed_size}x{self.fixed_size} images (its "
+                            "backbone's position embeddings are fixed), not whole images; use --tta none, flip, 5crop "
+                            "or 10crop")
         if key not in self._forwards:
             from toolkit.backbones.head import pooled_model
 
@@ -56,19 +65,25 @@ class Member:
 
 
 def _check_keras_file(path: Path) -> None:
-    """Refuse a ``.keras`` zip whose JSON members are too large to be a model's, before Keras reads them."""
+    """Refuse a ``.keras`` zip whose JSON members are too large to be a model's, before Keras reads them; import
+    keras-hub first when the model holds a keras-hub backbone (its layer classes register on import)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            oversized = [i for i in members if i.filename.endswith(".json") and i.file_size > MAX_KERAS_JSON_BYTES]
+            config = b"" if oversized or "config.json" not in archive.namelist() else archive.read("config.json")
     except (OSError, zipfile.BadZipFile, ValueError):
         return  # not a zip: Keras says what it is below
-    for info in members:
-        if info.filename.endswith(".json") and info.file_size > MAX_KERAS_JSON_BYTES:
-            raise UserError(f"{path}: not loaded: its {info.filename} member is {info.file_size / 2**20:,.0f} MB "
-                            f"(a model's is well under {MAX_KERAS_JSON_BYTES // 2**20} MB); the file is damaged or "
-                            "not a toolkit model: train the run again or restore the file")
+    for info in oversized:
+        raise UserError(f"{path}: not loaded: its {info.filename} member is {info.file_size / 2**20:,.0f} "
+                        f"MB (a model's is well under {MAX_KERAS_JSON_BYTES // 2**20} MB); the file is "
+                        "damaged or not a toolkit model: train the run again or restore the file")
+    if b'"keras_hub' in config:
+        from toolkit.backbones.external import import_hub
+
+        import_hub(f"{path} holds a keras-hub backbone; loading it")
 
 
 def _load_keras_model(path: Path):

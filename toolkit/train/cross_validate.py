@@ -1,11 +1,17 @@
-"""A cross-validated run (``--cv K``): every labelled image trains, and every image is scored by a head that
-never saw it.
+"""A cross-validated run (``--cv K``): every labelled image trains, and every image is scored by heads that
+never saw it, averaged as the model averages its heads.
 
-1. The labelled images (train and validation pooled) are split into K stratified, seeded folds.
-2. The frozen backbone's outputs for every image and view are computed once (:func:`all_views_cache`).
-3. K heads train together on them, head k masked off fold k (:mod:`toolkit.train.fold_heads`).
-4. The run's model is one network, the backbone then the K heads averaged (:class:`toolkit.backbones.head.FoldHeads`);
-   its out-of-fold probabilities are the run's accuracy estimate, calibration set, and audit input.
+1. The labelled images (train and validation pooled) are split into K stratified, seeded folds, R times
+   (``cv_repeats``) with other shuffles: the model's K x R heads, head (r, k) masked off fold k of repeat r.
+2. For the estimate the split is repeated K x R times in all (the first R are the model's): each image is then held
+   out by K x R heads, one per repeat, and scored by their average: an ensemble of as many heads as the model's,
+   each trained on (K - 1) / K of the images, none on that image. That is what the model is for a new image, so
+   the out-of-fold accuracy estimates the model that is shipped (:data:`ESTIMATE_RULE`).
+3. The frozen backbone's outputs for every image and view are computed once (:func:`all_views_cache`), and all the
+   heads train together on them (:mod:`toolkit.train.fold_heads`).
+4. The run's model is one network, the backbone then its K x R heads averaged
+   (:class:`toolkit.backbones.head.FoldHeads`); the out-of-fold probabilities are the run's accuracy estimate,
+   calibration set, and audit input.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from toolkit.train.run_state import Run, Stage
 
 logger = logging.getLogger(__name__)
 
+ESTIMATE_RULE = ("each image scored by the average of as many fold heads that never saw it as the model averages "
+                 "(K x repeats, one per further repeat of the K-fold split)")
 
 
 @dataclasses.dataclass
@@ -36,21 +44,27 @@ class OutOfFold:
     per_head: np.ndarray | None = None  # (images, heads, classes)
     features: np.ndarray | None = None  # (images, channels): pooled centre-crop features, for the audit
     paths: tuple[str, ...] = ()
+    shipped: int = 0  # the model's heads: the first ``shipped`` of ``held``'s (0: all of them)
 
     def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
         """metrics.json's ``cv`` block, from :func:`toolkit.predict.evaluate.classification_metrics` of ``probs``."""
-        heads = self.held.shape[1]
+        heads = self.shipped or self.held.shape[1]
         per_fold = [float((self.per_head[self.held[:, h], h].argmax(1) == self.labels[self.held[:, h]]).mean())
                     for h in range(heads)]
+        scored_by = int(np.median(self.held.sum(axis=1)))
         return {
             "folds": self.folds,
             "repeats": heads // self.folds,
             "heads": heads,
+            "estimate_heads": scored_by,  # unseen heads averaged per image in the estimate
             "n_images": int(len(self.labels)),
             "accuracy": measured["accuracy"],
             "accuracy_ci95": measured["accuracy_ci95"],
-            "interval": "Wilson score, 95 %, over the out-of-fold predictions of all images (each image's "
-                        "probabilities averaged over the heads that never trained on it, one per repeat)",
+            "estimates": f"the accuracy of the model that is shipped (the average of its {heads} heads) on new images "
+                         f"like these: {ESTIMATE_RULE}" if scored_by == heads else
+                         f"the accuracy of one member on new images like these (each image scored by the member that "
+                         f"validated on it)",
+            "interval": "Wilson score, 95 %, over the out-of-fold predictions of all images",
             "log_loss": measured["nll"],
             "fold_accuracy": per_fold,  # each head alone on its own held-out fold
             "fold_accuracy_sd": float(np.std(per_fold, ddof=1)),
@@ -73,7 +87,8 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     config, splits = run.config, run.splits
     pooled = splits.train + splits.val
     labels = np.asarray(pooled.labels)
-    table = assign_folds(labels, folds, config.seed, config.cv_repeats).reshape(len(labels), -1)
+    shipped = folds * config.cv_repeats  # the model's heads; the estimate's repeats: as many, the first R shared
+    table = assign_folds(labels, folds, config.seed, shipped).reshape(len(labels), -1)
     held = held_out(table, folds)
     if not (run.dir / runs.FOLDS_FILE).is_file():
         import pandas as pd
@@ -82,9 +97,11 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
                              | {f"fold_{r + 1}": table[:, r] for r in range(table.shape[1])})
         runs.write_text(run.dir / runs.FOLDS_FILE, frame.to_csv(index=False))
     holdout_views = len(splits.train) * config.cache_views + len(splits.val)
-    logger.info("cross-validation: %d folds x %d repeats over %d images; the backbone runs over every image's views, "
-                "about %.1fx the images of a holdout run's cache, then %d heads train together on them", folds,
-                table.shape[1], len(pooled), len(pooled) * config.cache_views / max(holdout_views, 1), held.shape[1])
+    logger.info("cross-validation: %d folds x %d repeats over %d images (the model: %d heads; the estimate: %d more "
+                "repeats, so that %d unseen heads score each image); the backbone runs over every image's views, about "
+                "%.1fx the images of a holdout run's cache, then %d heads train together on them", folds,
+                config.cv_repeats, len(pooled), shipped, table.shape[1] - config.cv_repeats, shipped,
+                len(pooled) * config.cache_views / max(holdout_views, 1), held.shape[1])
     heads = FoldHeads(held.shape[1], len(splits.class_names), config.bottleneck, config.dropout)
     start = time.perf_counter()
     views = all_views_cache(run, backbone, heads, data, pooled)
@@ -112,10 +129,13 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
                               verbose=run.verbose, callbacks=tensorboard_callbacks(run, Stage.CV))
     run.save_state()
     run.timed("cv_heads_s", start)
-    model = build_classifier(backbone, heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
+    model_heads = FoldHeads(shipped, len(splits.class_names), config.bottleneck, config.dropout)
+    model = build_classifier(backbone, model_heads, (None, None, 3), batchnorm_inference=not config.train_batchnorm)
+    for k in range(shipped):  # the first R repeats' heads are the model's
+        model_heads.set_head_weights(k, heads.head_weights(k))
     pooled_features = views[0].reshape(len(pooled), -1, views.shape[-1]).mean(axis=1).astype(np.float32)
-    evaluated = OutOfFold(out_of_fold(per_head, held), labels, held, folds, list(progress.fold_best_epoch), per_head,
-                          pooled_features, pooled.paths)
+    evaluated = OutOfFold(out_of_fold(per_head, held), labels, held, folds, list(progress.fold_best_epoch[:shipped]),
+                          per_head, pooled_features, pooled.paths, shipped)
     _audit(run, evaluated, backbone, pooled)
     return model, evaluated
 

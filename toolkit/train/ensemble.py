@@ -60,7 +60,7 @@ def finetune_ensemble(
         folder, replaces = outputs.prepare_run_dir(target, overwrite, "ensemble", {"--data": [config.data]})
         names = []
         for i, variant in enumerate(variants, start=1):
-            name = f"{i}-{variant.backbone}-" + (f"fold{variant.fold.replace('/', 'of')}" if variant.fold
+            name = f"{i}-{runs.backbone_label(variant.backbone)}-" + (f"fold{variant.fold.replace('/', 'of')}" if variant.fold
                                                   else f"seed{variant.seed}")
             create_run(variant, folder / name)
             names.append(name)
@@ -154,6 +154,6 @@ def _ensemble_variants(config: FinetuneConfig, members: str) -> list[FinetuneCon
     if len(names) < 2:
         raise UserError(f"An ensemble needs at least 2 members. Received: ensemble={members!r}")
     for name in names:
-        registry.get_spec(name)  # did-you-mean
-    return [dataclasses.replace(config, backbone=name, image_size=0 if name != config.backbone else config.image_size)
-            for name in names]
+        registry.get_spec(name)  # did-you-mean; a preset or file is loaded and checked
+    return [prepare_config(dataclasses.replace(config, backbone=name, image_size=0 if name != config.backbone
+                                               else config.image_size)) for name in names]

@@ -181,7 +181,8 @@ def _train(run: Run) -> FinetuneResult:
     # Any input size: trained at `size`, the fully convolutional classifier also takes whole images
     # (toolkit predict --tta full, toolkit explain).
     backbone = backbones.create(config.backbone, input_shape=(None, None, 3),
-                                weights=None if config.weights == "none" else config.weights)
+                                weights=None if config.weights == "none" else config.weights,
+                                preprocess=config.backbone_preprocess)
     backbone.trainable = False
     head = NINHead(num_classes, config.bottleneck, config.dropout)
     model = build_classifier(backbone, head, (None, None, 3), batchnorm_inference=not config.train_batchnorm)

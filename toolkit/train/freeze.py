@@ -101,10 +101,11 @@ def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages
 
 
 def apply_plan(backbone, stage_ends: Sequence[int], plan: FreezePlan, train_batchnorm: bool = False) -> dict[str, int]:
-    """Set ``trainable`` on the backbone's layers at stage boundaries.
+    """Set ``trainable`` on the backbone's units (:func:`toolkit.backbones.units.units`: its layers, a nested
+    network's layers, a transformer's blocks) at stage boundaries (``stage_ends`` index the units).
 
-    Layers up to the end of the highest frozen stage are frozen; the rest train,
-    except BatchNormalization layers unless ``train_batchnorm``. Keeping them
+    Units up to the end of the highest frozen stage are frozen; the rest train,
+    except BatchNormalization layers (at any depth) unless ``train_batchnorm``. Keeping them
     ``trainable=False`` is what holds them in inference mode (ImageNet
     statistics) during fine-tuning: Keras 3 lets the outer ``training=True`` of
     ``fit`` override a nested ``backbone(x, training=False)`` call.
@@ -112,14 +113,21 @@ def apply_plan(backbone, stage_ends: Sequence[int], plan: FreezePlan, train_batc
     """
     import keras
 
+    from toolkit.backbones.units import units
+
     backbone.trainable = True
     cut = -1 if plan.first_trainable_stage == 0 else stage_ends[plan.first_trainable_stage - 1]
     counts = {"frozen_layers": 0, "trainable_layers": 0}
-    for index, layer in enumerate(backbone.layers):
-        trains = index > cut and (train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization))
-        layer.trainable = trains
-        if layer.weights:
-            counts["trainable_layers" if trains else "frozen_layers"] += 1
+    for index, unit in enumerate(units(backbone)):
+        trains = index > cut
+        unit.layer.trainable = trains
+        if trains and not train_batchnorm:
+            for layer in unit.layer._flatten_layers(include_self=True, recursive=True):  # BatchNorm inside a block too
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
+        if unit.layer.weights:
+            trainable = trains and (train_batchnorm or not isinstance(unit.layer, keras.layers.BatchNormalization))
+            counts["trainable_layers" if trainable else "frozen_layers"] += 1
     if plan.head_only:
         backbone.trainable = False
     return counts

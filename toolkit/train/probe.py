@@ -14,7 +14,8 @@ def probe_backbone(config):
     from toolkit import backbones
 
     return backbones.create(config.backbone, input_shape=(None, None, 3),
-                            weights=None if config.weights == "none" else config.weights)
+                            weights=None if config.weights == "none" else config.weights,
+                            preprocess=config.backbone_preprocess)
 
 
 def _plain_and_mirrored(backbone, ds, bar=None) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +53,8 @@ def duplicate_embedding(backbone, split, batch_size: int = 32) -> np.ndarray:
     of the whole image shrunk to :data:`DUPLICATE_SIZE` px, averaged with its mirror image's."""
     from toolkit.data.pipeline import make_dataset
 
-    ds = make_dataset(split, DUPLICATE_SIZE, batch_size, training=False, crop_fraction=1.0)
+    fixed = backbone.input.shape[1]  # a backbone that takes one size only (a ViT) sees the images at that size
+    ds = make_dataset(split, fixed or DUPLICATE_SIZE, batch_size, training=False, crop_fraction=1.0)
     plain, mirrored = _plain_and_mirrored(backbone, ds)
     return ((plain + mirrored) / 2).reshape(len(split), -1)
 

@@ -86,14 +86,29 @@ def accuracy_line(metrics: dict[str, Any]) -> str:
     cv = metrics.get("cv")
     if cv:
         low, high = cv["accuracy_ci95"]
+        scored = cv.get("estimate_heads", cv["repeats"])
+        what = (f"each scored by {scored} heads that never saw it, as the model averages {cv['heads']}"
+                if scored == cv["heads"] else "each scored by the member that never saw it")
         return (f"expected accuracy on new images: {cv['accuracy']:.4f} (95% CI {low:.2f}–{high:.2f}), "
-                f"{cv['folds']}-fold cross-validation over {cv['n_images']} images (fold accuracies "
+                f"{cv['folds']}-fold cross-validation over {cv['n_images']} images ({what}; fold accuracies "
                 f"{min(cv['fold_accuracy']):.2f}–{max(cv['fold_accuracy']):.2f})")
     return "validation accuracy: " + describe(metrics["val_accuracy"], metrics["n_val"], metrics["val_accuracy_ci95"])
 
 
+def freeze_line(plan, metrics: dict) -> str:
+    """The freeze plan as the run's summary prints it; in a cross-validated run, how its count relates to the
+    estimate's (the plan counted the training split; the folds then pooled every labelled image)."""
+    line = f"freeze plan: {plan.describe()}"
+    cv = metrics.get("cv")
+    if cv and plan.mode == "auto":
+        each = round(cv["n_images"] * (cv["folds"] - 1) / cv["folds"])
+        line += (f" (counted on the training split; cross-validation then pooled all {cv['n_images']} labelled "
+                 f"images, each head training on about {each})")
+    return line
+
+
 def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
-    lines = [f"freeze plan: {plan.describe()}"]
+    lines = [freeze_line(plan, metrics)]
     for stage, s in run.state.stages.items():
         lines.append(f"{stage.value}: {s.epochs_done} epochs, best epoch {s.best_epoch} (val loss {s.best_loss:.4f}, "
                      f"val accuracy {metrics.get(stage.value + '_val_accuracy') or 0:.4f})")

@@ -190,6 +190,12 @@ def prepare_config(config: FinetuneConfig) -> FinetuneConfig:
     absolute = {"data": str(Path(config.data).resolve())}
     if config.albumentations:
         absolute["albumentations"] = str(Path(config.albumentations).resolve())
+    from toolkit.backbones import external
+
+    if external.parse_source(config.backbone) is not None:  # a preset or file: loaded and checked now, recorded
+        name = external.canonical(config.backbone)  # by its absolute path, with the size it trains at (the run's
+        absolute["backbone"] = name                  # model then needs nothing of it)
+        absolute["image_size"] = external.check(name, config.backbone_preprocess, config.image_size)
     changed = {k: v for k, v in absolute.items() if getattr(config, k) != v}
     return dataclasses.replace(config, **changed) if changed else config  # a new config is validated again
 

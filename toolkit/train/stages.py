@@ -217,6 +217,7 @@ def train_head(run: Run, model, head, inner, data, cache: tuple[bool, str], loss
 def train_unfrozen(run: Run, model, inner, spec, plan, data, loss, finetune_lr: float, total_params: int) -> Stage:
     """The unfrozen stages and the head; returns the stage whose classifier is kept."""
     from toolkit import backbones
+    from toolkit.backbones.units import units
     from toolkit.train.freeze import apply_plan
 
     config = run.config
@@ -225,10 +226,11 @@ def train_unfrozen(run: Run, model, inner, spec, plan, data, loss, finetune_lr: 
     if not stage1_weights.is_file():
         with runs.atomic_path(stage1_weights) as tmp:
             model.save_weights(tmp)
-    stage_ends = backbones.stage_boundaries([layer.name for layer in inner.layers], spec.stages)
+    found = units(inner)
+    stage_ends = backbones.stage_boundaries([unit.path for unit in found], spec.stages)
     counts_layers = apply_plan(inner, stage_ends, plan, config.train_batchnorm)
-    mults = stage_lr_multipliers(stage_of_layers(len(inner.layers), stage_ends), plan, config.stage_lr_decay)
-    multipliers = {v.path: m for layer, m in zip(inner.layers, mults) for v in layer.trainable_weights}
+    mults = stage_lr_multipliers(stage_of_layers(len(found), stage_ends), plan, config.stage_lr_decay)
+    multipliers = {v.path: m for unit, m in zip(found, mults) for v in unit.layer.trainable_weights}
     train = data.train_images(seed_offset=1)
     optimizer = finetune_optimizer(multipliers, finetune_lr, config.finetune_epochs, config.warmup_epochs, train[1])
     model.compile(optimizer=optimizer, loss=loss, weighted_metrics=["accuracy"])
