@@ -171,6 +171,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                         f"val_fraction={args.val_fraction}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, {MAX_SEED}]. Received: seed={args.seed}")
+    from toolkit.data.discovery import has_labels_column
+
+    if Path(args.data).is_file() and has_labels_column(Path(args.data)):
+        return _inspect_multilabel(args)
     splits = load_splits(args.data, args.val_fraction, args.seed, progress=True, min_classes=0)
     stats = dataset_statistics(splits)
     print(f"data: {splits.source}")
@@ -185,13 +189,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         s = stats["image_size"]
         print(f"image sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median {s['median'][0]}x{s['median'][1]}, "
               f"max {s['max'][0]}x{s['max'][1]}")
-    shown = [p for p in splits.problems if args.all_problems or p.severity != "info"]
-    print(f"problems: {len(splits.skipped())} files skipped, "
-          f"{sum(p.severity == 'warning' for p in splits.problems)} warnings, "
-          f"{sum(p.severity == 'info' for p in splits.problems)} handled automatically")
-    for p in shown:
-        path = p.path.replace("\n", "\\n")  # one line per problem, whatever the file name holds
-        print(f"  {p.severity:<8} {path}: {p.reason}")
+    _print_problems(splits.problems, args.all_problems)
     try:
         if len(splits.class_names) < 2:
             raise DatasetError(f"usable images for {len(splits.class_names)} classes {list(splits.class_names)}; a "
@@ -208,6 +206,52 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     spec = backbones.get_spec(args.backbone)
     plan = plan_freeze("auto", len(splits.train), len(splits.class_names), [s.name for s in spec.stages])
     print(f"freeze plan for --freeze auto with {args.backbone}: {plan.describe()}")
+    return 0
+
+
+def _print_problems(problems, all_problems: bool) -> None:
+    skipped = sum(p.severity == "skipped" for p in problems)
+    print(f"problems: {skipped} files skipped, {sum(p.severity == 'warning' for p in problems)} warnings, "
+          f"{sum(p.severity == 'info' for p in problems)} handled automatically")
+    for p in problems:
+        if all_problems or p.severity != "info":
+            path = p.path.replace("\n", "\\n")  # one line per problem, whatever the file name holds
+            print(f"  {p.severity:<8} {path}: {p.reason}")
+
+
+def _inspect_multilabel(args: argparse.Namespace) -> int:
+    """inspect for a multi-label manifest: images per label and split, label co-occurrence, unlabelled images."""
+    import pandas as pd
+
+    from toolkit.data.datasets import DatasetError
+    from toolkit.data.multilabel import check_fold_counts, co_occurrence, load_multilabel, stratified_folds
+    from toolkit.train.folds import AUTO_FOLDS
+
+    data = load_multilabel(args.data, progress=True)
+    names, train = data.class_names, data.splits["train"]
+    sizes = ", ".join(f"{split} {len(part)}" for split, part in data.splits.items())
+    print(f"data: {data.source}")
+    print(f"classes: {len(names)}; images: {sizes}; {train.targets.sum(axis=1).mean():.2f} labels per training "
+          "image on average")
+    table = pd.DataFrame({split: part.counts() for split, part in data.splits.items()}, index=list(names))
+    print("images holding each label:\n" + "\n".join("  " + line for line in table.to_string().splitlines()))
+    print("images holding no label: " + ", ".join(f"{split} {part.unlabelled()}" for split, part in
+                                                  data.splits.items()))
+    pairs = pd.DataFrame(co_occurrence(train.targets), index=list(names), columns=list(names))
+    print("training images holding both labels (row and column):\n"
+          + "\n".join("  " + line for line in pairs.to_string().splitlines()))
+    _print_problems(data.problems, args.all_problems)
+    try:
+        if len(names) < 2:
+            raise DatasetError(f"the training images use {len(names)} labels {list(names)}; a classifier needs two")
+        check_fold_counts(train.targets, names, AUTO_FOLDS, str(args.data))
+    except DatasetError as exc:
+        print(f"cannot cross-validate this data: {exc}")
+        return 2
+    folds = stratified_folds(train.targets, AUTO_FOLDS, args.seed)
+    least = min(int(train.targets[folds == k].sum(axis=0).min()) for k in range(AUTO_FOLDS))
+    print(f"folds ({AUTO_FOLDS}, iterative stratification, seed {args.seed}): each fold holds at least {least} "
+          f"image{'s' * (least != 1)} of every label")
     return 0
 
 

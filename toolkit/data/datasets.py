@@ -130,6 +130,19 @@ def _make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...], re
     return Split(tuple(paths), tuple(labels), class_names, tuple(recs) if records is not None else None)
 
 
+def verify_listing(paths: Sequence[str], problems: list[Problem], cache: VerificationCache | None = None,
+                   progress: bool = False) -> dict[str, ImageRecord]:
+    """{path: verdict} for ``paths``; each unusable file goes to ``problems`` as skipped, each converted one as
+    handled."""
+    records = {r.path: r for r in verify_files(paths, cache, progress=progress)}
+    for r in records.values():
+        if not r.ok:
+            problems.append(Problem(r.path, r.reason, "skipped"))
+        elif r.reason:
+            problems.append(Problem(r.path, r.reason, "info"))
+    return records
+
+
 def load_splits(
     data: str | Path,
     val_fraction: float = 0.2,
@@ -152,12 +165,7 @@ def load_splits(
     records: dict[str, ImageRecord] | None = None
     if verify:
         all_paths = [p for split in layout.values() for files in split.values() for p in files]
-        records = {r.path: r for r in verify_files(all_paths, cache, progress=progress)}
-        for r in records.values():
-            if not r.ok:
-                problems.append(Problem(r.path, r.reason, "skipped"))
-            elif r.reason:
-                problems.append(Problem(r.path, r.reason, "info"))
+        records = verify_listing(all_paths, problems, cache, progress)
 
     train_layout = layout.get("train", {})
     usable = {c: [p for p in files if records is None or records[p].ok] for c, files in train_layout.items()}

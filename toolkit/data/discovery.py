@@ -17,6 +17,10 @@ from toolkit.core.paths import is_within
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"})
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+SEPARATOR = ";"  # class names in one `labels` cell
+LABELS_COLUMN = "labels"
+
+
 class DatasetError(UserError):
     """The data cannot be used for training; the message says what to fix."""
 
@@ -106,6 +110,20 @@ def _find_child(root: Path, candidates: tuple[str, ...]) -> Path | None:
     return None
 
 
+def has_labels_column(csv_path: Path) -> bool:
+    """Whether the manifest's header names a ``labels`` column (multi-label data, :mod:`toolkit.data.multilabel`)."""
+    import pandas as pd
+
+    try:
+        columns = pd.read_csv(csv_path, nrows=0).columns
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError):
+        return False  # the single-label reader says what is wrong with the file
+    if LABELS_COLUMN in columns and "label" in columns:
+        raise DatasetError(f"{csv_path}: has both a `label` and a `labels` column; keep `label` (one class per "
+                           f"image) or `labels` (class names joined by {SEPARATOR!r}, several per image), not both")
+    return LABELS_COLUMN in columns
+
+
 def _read_manifest(csv_path: Path, problems: list[Problem]) -> dict[str, dict[str, list[str]]]:
     """{split: {class: paths}} from a CSV with path,label[,split] columns."""
     import pandas as pd
@@ -189,6 +207,10 @@ def discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, l
     """({split: {class: paths}}, {split: where it comes from}, description of the source)."""
     check_source(root)
     if root.is_file():
+        if has_labels_column(root):
+            raise DatasetError(f"{root}: its `labels` column makes it multi-label data, which `toolkit inspect --data "
+                               f"{root}` describes but training and evaluation do not take: give each image one class "
+                               "in a `label` column")
         layout = _read_manifest(root, problems)
         return layout, {split: f"rows with split {split} in {root}" for split in layout}, f"CSV manifest {root}"
     _check_split_names(root)
