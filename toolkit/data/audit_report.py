@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from toolkit.core.pictures import png_bytes, pyplot, short_name, thumbnail, thum
 from toolkit.core.uncertainty import plural
 
 GALLERY_SIZE = 24
+CAPTION_WIDTH = 32  # characters per caption line in audit.png: a column is 2.5 in wide, the text 7 pt
 ISSUE_WORDS = {"label": "label issue", "near_duplicate": "near-duplicate", "outlier": "outlier"}
 
 
@@ -27,13 +29,18 @@ def finding_caption(row) -> list[str]:
 
 
 def gallery_png(findings, most: int = GALLERY_SIZE) -> bytes:
-    """The top findings as one picture: thumbnail and caption each, as many columns as there are findings
-    (up to 6), so a short audit leaves no blank canvas."""
+    """The top findings as one picture (:func:`gallery_figure`), PNG bytes."""
+    return png_bytes(gallery_figure(findings, most), dpi=80)
+
+
+def gallery_figure(findings, most: int = GALLERY_SIZE):
+    """The top findings as one matplotlib figure: thumbnail and caption each, as many columns as there are findings
+    (up to 6), so a short audit leaves no blank canvas; captions wrapped to their column."""
     plt = pyplot()
     top = findings.head(most)
     cols = min(6, max(1, len(top)))
     rows = max(1, -(-len(top) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.5, rows * 3.0), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.5, rows * 3.3), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     if not len(top):
@@ -44,8 +51,8 @@ def gallery_png(findings, most: int = GALLERY_SIZE) -> bytes:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
         else:
             ax.imshow(pixels)
-        ax.set_title("\n".join(finding_caption(row)), fontsize=7)
-    return png_bytes(fig, dpi=80)
+        ax.set_title("\n".join(textwrap.fill(line, CAPTION_WIDTH) for line in finding_caption(row)), fontsize=7)
+    return fig
 
 
 def audit_section(findings, summary: dict, where: str | Path, most: int = GALLERY_SIZE) -> hp.Section:

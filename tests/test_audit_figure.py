@@ -1,0 +1,33 @@
+"""audit.png: every finding's caption stays inside its own column, whatever the number of findings."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from toolkit.data.audit_report import gallery_figure
+
+
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_captions_of_neighbouring_findings_never_overlap(sample_data, count):
+    images = sorted((sample_data / "square").iterdir())[:7]
+    findings = pd.DataFrame({
+        "path": [str(p) for p in images],
+        "issue": ["outlier", "label", "near_duplicate"] * 2 + ["outlier"],
+        "given_label": ["square"] * 7,
+        "suggested_label": ["a very long suggested class name"] * 7,
+        "score": [0.79] * 7,
+        "duplicate_of": [str(images[0])] * 7,
+        "note": ["far from every other image of every class in the data"] * 7,
+    }).head(count)
+    fig = gallery_figure(findings)
+    renderer = fig.canvas.get_renderer()
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert len(titled) == count
+    for ax in titled:  # a caption no wider than its column
+        column = fig.bbox.width / min(6, count)
+        assert ax.title.get_window_extent(renderer).width <= column, ax.get_title()
+    boxes = [ax.title.get_window_extent(renderer) for ax in titled]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
