@@ -23,7 +23,13 @@ def curve_labels(frame) -> tuple[str, str, str]:
 
 
 def curves_png(frame) -> bytes:
-    """Loss and accuracy per epoch of every stage (a line where fine-tuning starts)."""
+    """Loss and accuracy per epoch of every stage (:func:`curves_figure`), PNG bytes."""
+    return png_bytes(curves_figure(frame))
+
+
+def curves_figure(frame):
+    """Loss and accuracy per epoch of every stage (a line where fine-tuning starts); epochs are whole numbers, one
+    epoch included, and each is marked."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -37,13 +43,13 @@ def curves_png(frame) -> bytes:
                 ax.plot(x, frame[key], style, label=label, markersize=marker)
         if "stage" in frame and (frame["stage"] == "finetune").any():
             ax.axvline((frame["stage"] == "head").sum() + 0.5, color="grey", lw=0.8, ls=":")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(0.5, len(frame) + 0.5)
         ax.set_xlabel(x_label)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return png_bytes(fig)
+    return fig
 
 
 def confusion_png(confusion: np.ndarray, class_names: Sequence[str], title: str = "confusion matrix") -> bytes:
