@@ -13,7 +13,8 @@ head), differ only in how the per-class maps of a 1x1 convolution become one sco
 
 * average pooling (what a single-label NIN head does);
 * max pooling (the strongest cell);
-* log-sum-exp pooling, r = 5: (1/r) log mean exp(r x), between the two (r -> 0: average, r -> inf: max);
+* log-sum-exp pooling, r = 5: (1/r) log mean exp(r x), between the two (r -> 0: average, r -> inf: max), the
+  toolkit's ``LogSumExpPooling2D`` (what its multi-label NIN head pools with);
 * one-vs-rest logistic regression (scikit-learn, C = 1) on the average-pooled, standardised features.
 
 Printed: macro and micro average precision (scikit-learn's ``average_precision_score``) on the test grids, mean ± sd
@@ -36,8 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "datasets"
 GRID, TILE = 224, 112
+from toolkit.backbones.head import LSE_SHARPNESS as LSE_R  # noqa: E402
+
 HEADS = ("average pooling", "max pooling", "log-sum-exp pooling (r = 5)", "logistic, one-vs-rest")
-LSE_R = 5.0
 
 
 def tile(path: str):
@@ -77,10 +79,9 @@ def head_model(shape: tuple[int, int, int], classes: int, pooling: str, seed: in
     elif pooling == "max pooling":
         x = keras.layers.GlobalMaxPooling2D()(x)
     else:
-        from keras import ops
+        from toolkit.backbones.head import LogSumExpPooling2D
 
-        cells = keras.layers.Reshape((shape[0] * shape[1], classes))(x)
-        x = keras.layers.Lambda(lambda c: (ops.logsumexp(LSE_R * c, axis=1) - np.log(c.shape[1])) / LSE_R)(cells)
+        x = LogSumExpPooling2D(LSE_R)(x)
     model = keras.Model(maps, x)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.BinaryCrossentropy(from_logits=True))
     return model

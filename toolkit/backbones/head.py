@@ -1,7 +1,10 @@
 """Network-in-Network classification head and the full classifier.
 
 NIN head: an (optional) 1x1 bottleneck conv + BN + ReLU (NIN's mlpconv), dropout,
-then a 1x1 conv giving one map per class, global average pooling, softmax.
+then a 1x1 conv giving one map per class, global average pooling, softmax. For multi-label data (an image holds
+several classes) each class map is pooled by log-sum-exp (:class:`LogSumExpPooling2D`) and scored by a sigmoid:
+average pooling dilutes a class that fills one corner with the cells where it is absent (measured in
+docs/benchmarks/multilabel.md).
 No Flatten or Dense, so the model is fully convolutional (any input size) and
 the per-class maps -- the layer named :data:`CLASS_MAPS` -- are
 class-activation maps for free (``toolkit explain``).
@@ -24,10 +27,44 @@ FOLD_PROBS = "fold_probs"
 BACKBONE = "backbone"
 
 
+LSE_SHARPNESS = 5.0  # r of log-sum-exp pooling: 0 is average pooling, infinity max pooling
+
+
+@keras.saving.register_keras_serializable(package="toolkit")
+class LogSumExpPooling2D(layers.Layer):
+    """(batch, h, w, c) -> (batch, c): ``(1/r) log(mean(exp(r x)))`` over the cells, a smooth maximum between
+    average pooling (r -> 0) and max pooling (r -> infinity); computed stably (``logsumexp``)."""
+
+    def __init__(self, sharpness: float = LSE_SHARPNESS, **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(sharpness, (int, float)) and 0 < sharpness < 1e4):
+            raise ValueError(f"sharpness must be a number in (0, 1e4). Received: sharpness={sharpness!r}")
+        self.sharpness = float(sharpness)
+
+    def call(self, inputs):
+        from keras import ops
+
+        cells = ops.reshape(inputs, (ops.shape(inputs)[0], -1, ops.shape(inputs)[-1]))
+        count = ops.cast(ops.shape(cells)[1], inputs.dtype)
+        return (ops.logsumexp(self.sharpness * cells, axis=1) - ops.log(count)) / self.sharpness
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "sharpness": self.sharpness}
+
+
+def _pooling(multi_label: bool) -> layers.Layer:
+    return LogSumExpPooling2D(name=LOGITS) if multi_label else layers.GlobalAveragePooling2D(name=LOGITS)
+
+
 class NINHead:
-    def __init__(self, num_classes: int, bottleneck: int = 0, dropout: float = 0.2, prefix: str = ""):
+    def __init__(self, num_classes: int, bottleneck: int = 0, dropout: float = 0.2, prefix: str = "",
+                 multi_label: bool = False):
         self.num_classes = num_classes
         self.bottleneck = bottleneck
+        self.multi_label = multi_label
         self.layers: list[layers.Layer] = []
         if bottleneck:
             self.layers += [
@@ -39,16 +76,16 @@ class NINHead:
             self.layers.append(layers.Dropout(dropout, name=f"{prefix}nin_dropout"))
         self.layers += [
             layers.Conv2D(num_classes, 1, name=f"{prefix}{CLASS_MAPS}"),
-            layers.GlobalAveragePooling2D(name=LOGITS),
-            # float32 softmax keeps probabilities exact under mixed precision.
-            layers.Activation("softmax", dtype="float32", name=PROBS),
+            _pooling(multi_label),
+            # float32 keeps probabilities exact under mixed precision.
+            layers.Activation("sigmoid" if multi_label else "softmax", dtype="float32", name=PROBS),
         ]
 
     @property
     def is_linear(self) -> bool:
         """Without a bottleneck the head is linear up to the softmax: conv1x1 and
-        average pooling commute, so it can train on pooled features exactly."""
-        return not self.bottleneck
+        average pooling commute, so it can train on pooled features exactly (not so log-sum-exp pooling)."""
+        return not self.bottleneck and not self.multi_label
 
     def __call__(self, features: keras.KerasTensor) -> keras.KerasTensor:
         x = features
@@ -106,22 +143,25 @@ class FoldHeads:
     ``evaluate`` and ``export`` see an ordinary classifier.
     """
 
-    def __init__(self, count: int, num_classes: int, bottleneck: int = 0, dropout: float = 0.2):
+    def __init__(self, count: int, num_classes: int, bottleneck: int = 0, dropout: float = 0.2,
+                 multi_label: bool = False):
         self.count, self.num_classes, self.bottleneck = count, num_classes, bottleneck
+        self.multi_label = multi_label
         if bottleneck:
-            self.heads = [NINHead(num_classes, bottleneck, dropout, prefix=f"fold{k}_") for k in range(count)]
+            self.heads = [NINHead(num_classes, bottleneck, dropout, prefix=f"fold{k}_", multi_label=multi_label)
+                          for k in range(count)]
             self.concat = layers.Concatenate(name=CLASS_MAPS)
         else:
             self.dropout = layers.Dropout(dropout, name="nin_dropout") if dropout else None
             self.maps_conv = layers.Conv2D(count * num_classes, 1, name=CLASS_MAPS)
-        self.pool = layers.GlobalAveragePooling2D(name=LOGITS)
+        self.pool = _pooling(multi_label)  # per channel, so per head and class
         self.split = layers.Reshape((count, num_classes), name="fold_logits")
-        self.softmax = layers.Activation("softmax", dtype="float32", name=FOLD_PROBS)
+        self.softmax = layers.Activation("sigmoid" if multi_label else "softmax", dtype="float32", name=FOLD_PROBS)
         self.mean = layers.GlobalAveragePooling1D(dtype="float32", name=PROBS)  # the mean over the K heads
 
     @property
     def is_linear(self) -> bool:
-        return not self.bottleneck
+        return not self.bottleneck and not self.multi_label
 
     def head_weights(self, k: int) -> list:
         """Head k's own weights (numpy arrays), as one NINHead of the same settings holds them."""
