@@ -7,6 +7,10 @@ scored on the centre crops of its own fold, and keeps its best epoch (early stop
 ends when every head has waited ``patience`` epochs. The heads' parameters are disjoint and Adam scales
 each parameter's step by its own gradient statistics, so training them in one model is training K
 models, for the cost of one pass over the features.
+
+Multi-label heads (``FoldHeads(multi_label=True)``) train the same way on an (images, classes) 0/1 target matrix
+instead of class indices: binary cross-entropy per class, early stopping on each head's held-out binary
+cross-entropy, and accuracy counted per (image, class) decision at 0.5.
 """
 
 from __future__ import annotations
@@ -44,6 +48,31 @@ class FoldSettings:
     seed: int = 0
 
 
+def _as_targets(heads: FoldHeads, labels: np.ndarray) -> np.ndarray:
+    """(images, C) float32 targets: one-hot class indices, or the multi-label 0/1 matrix as it is."""
+    if heads.multi_label:
+        if labels.ndim != 2 or labels.shape[1] != heads.num_classes:
+            raise ValueError(f"multi-label heads need an (images, {heads.num_classes}) target matrix. Received: "
+                             f"labels of shape {labels.shape}")
+        return labels.astype(np.float32)
+    return np.eye(heads.num_classes, dtype=np.float32)[labels]
+
+
+def _held_loss(heads: FoldHeads, probs: np.ndarray, labels: np.ndarray) -> float:
+    """The loss early stopping watches: cross-entropy of the true class, or mean binary cross-entropy."""
+    if not heads.multi_label:
+        return nll(probs, labels)
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+
+
+def _accuracy(heads: FoldHeads, probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of right answers: the top class, or every (image, class) decision at 0.5."""
+    if heads.multi_label:
+        return float(((probs >= 0.5) == (labels > 0)).mean())
+    return float((probs.argmax(1) == labels).mean())
+
+
 def _start(progress: StageState, heads: int) -> None:
     if not progress.fold_best_loss:
         progress.fold_best_loss, progress.fold_best_epoch, progress.fold_wait = [math.inf] * heads, [0] * heads, [0] * heads
@@ -67,7 +96,8 @@ class FoldCheckpoint(keras.callbacks.Callback):
         per_head = per_head_probabilities(self.model, self.centre, self.settings.batch_size)
         oof = out_of_fold(per_head, self.held)
         held = self.held.any(axis=1)
-        losses = [nll(per_head[self.held[:, k], k], self.labels[self.held[:, k]]) for k in range(k_heads)]
+        losses = [_held_loss(self.heads, per_head[self.held[:, k], k], self.labels[self.held[:, k]])
+                  for k in range(k_heads)]
         for k, loss in enumerate(losses):
             if loss < p.fold_best_loss[k]:
                 p.fold_best_loss[k], p.fold_best_epoch[k], p.fold_wait[k] = loss, epoch + 1, 0
@@ -77,10 +107,10 @@ class FoldCheckpoint(keras.callbacks.Callback):
         p.epochs_done = epoch + 1
         p.best_loss, p.best_epoch, p.wait = float(np.mean(p.fold_best_loss)), max(p.fold_best_epoch), min(p.fold_wait)
         trained = ~self.held  # each head's own training images, on their centre crops
-        fit = [(per_head[trained[:, k], k].argmax(1) == self.labels[trained[:, k]]).mean() for k in range(k_heads)]
+        fit = [_accuracy(self.heads, per_head[trained[:, k], k], self.labels[trained[:, k]]) for k in range(k_heads)]
         p.history.append({"stage": Stage.CV.value, "epoch": epoch + 1, "loss": float((logs or {}).get("loss", math.nan)),
                           "accuracy": float(np.mean(fit)), "val_loss": float(np.mean(losses)),
-                          "val_accuracy": float((oof[held].argmax(1) == self.labels[held]).mean())})
+                          "val_accuracy": _accuracy(self.heads, oof[held], self.labels[held])})
         if self.store is not None:
             self.store(self.model, p, self.best)
         if _stopped(p, self.settings.patience):
@@ -104,7 +134,8 @@ def restore_best(heads: FoldHeads, best: dict[int, list[np.ndarray]]) -> None:
 def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held: np.ndarray,
                    settings: FoldSettings, class_weights: np.ndarray | None = None, progress: StageState | None = None,
                    store=None, resume_from=None, verbose: int = 0, callbacks: tuple = ()) -> np.ndarray:
-    """Train ``heads`` on ``views`` (V, images, ...: view 0 the centre crop), head h never on the images
+    """Train ``heads`` on ``views`` (V, images, ...: view 0 the centre crop; ``labels`` the class of each image, or
+    its 0/1 row of classes for multi-label heads), head h never on the images
     ``held[:, h]`` (:func:`toolkit.train.folds.held_out`) and early-stopped on them; return each head's centre-crop
     probabilities at its own best epoch, (images, heads, C), of which ``out_of_fold`` keeps the unseen.
 
@@ -115,13 +146,13 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
 
     labels, held = np.asarray(labels), np.asarray(held, dtype=bool)
     n_views, n = views.shape[:2]
-    k_heads, n_classes = heads.count, heads.num_classes
+    k_heads = heads.count
     progress = progress if progress is not None else StageState()
     _start(progress, k_heads)
     model = heads.on_features(views.shape[2:])
-    model.compile(optimizer=keras.optimizers.Adam(settings.lr),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
-                  steps_per_execution=STEPS_PER_EXECUTION)
+    loss = (keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing) if heads.multi_label else
+            keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+    model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss, steps_per_execution=STEPS_PER_EXECUTION)
     best: dict[int, list[np.ndarray]] = {}
     steps = math.ceil(n * n_views / settings.batch_size)
     if progress.epochs_done and resume_from is not None:
@@ -132,8 +163,10 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
     if not progress.done and progress.epochs_done < settings.epochs and not _stopped(progress, settings.patience):
         mask = training_mask(held)
         if class_weights is not None:
+            if heads.multi_label:
+                raise ValueError("class weights are for single-label heads; multi-label heads weigh no class")
             mask = mask * np.asarray(class_weights, np.float32)[labels][:, None]
-        onehot = np.eye(n_classes, dtype=np.float32)[labels]
+        onehot = _as_targets(heads, labels)
         flat = views.reshape(n_views * n, *views.shape[2:])
         image = np.tile(np.arange(n), n_views)
         ds = (tf.data.Dataset.from_tensor_slices((flat, image))
