@@ -161,7 +161,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     class and split, the imbalance ratio, image sizes, and every problem found: files that will be
     skipped (with the reason), warnings such as train/test leakage, and files handled automatically
     (EXIF rotation, CMYK, transparency, huge images); then the freeze plan --freeze auto would choose.
-    Exit status 2 (after the report) when the data cannot train."""
+    A CSV manifest with a `labels` column (class names joined by ';', several per image) is described as
+    multi-label data: images per label, images with no label, label co-occurrence, and the fewest images of a
+    label in any of 5 iteratively stratified folds. Exit status 2 (after the report) when the data cannot train."""
     from toolkit.config.settings import MAX_SEED
     from toolkit.core.errors import UserError
     from toolkit.data.datasets import DatasetError, check_trainable, dataset_statistics, load_splits
