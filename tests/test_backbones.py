@@ -75,3 +75,11 @@ def test_weights_path_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.get_layer("head_conv").get_weights()[0], layer.get_weights()[0])
     with pytest.raises(FileNotFoundError, match="weights='"):
         backbones.create("efficientnet_lite0", weights=tmp_path / "missing.weights.h5")
+
+
+def test_the_preprocessing_choices_of_the_settings_are_the_backbones_own():
+    """The settings list them without importing the backbones (instant --help); both lists must agree."""
+    from toolkit.backbones.external import PREPROCESS_CHOICES
+    from toolkit.config import settings
+
+    assert settings.PREPROCESS_CHOICES == PREPROCESS_CHOICES

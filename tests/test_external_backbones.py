@@ -78,6 +78,14 @@ def test_a_brought_backbone_trains_predicts_evaluates_exports_and_embeds(presets
     assert pd.read_csv(tmp_path / "p.csv")["label"].isin(["a", "b"]).all()
     assert main(["evaluate", "--model", str(run), "--data", str(photos), "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 12
+    if form == "vit":  # one input size only: whole-image views are refused in one line, nothing written
+        capsys.readouterr()
+        for command in (["predict", "--model", str(run)], ["embed", "--model", str(run)]):
+            out = tmp_path / "whole.csv"
+            assert main([*command, "--images", str(photos), "--out", str(out), "--tta", "full"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "takes only 32x32 images" in err and "--tta none" in err, err
+            assert not out.exists()
 
     # ONNX: the whole predictor, preprocessing inside, gives predict's probabilities
     paths = _images(photos)[:4]

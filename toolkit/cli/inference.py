@@ -7,13 +7,15 @@ from pathlib import Path
 
 from toolkit.cli.flags import subcommand
 
+TTA_CHOICES = ("none", "flip", "5crop", "10crop", "full")  # toolkit.predict.inference.TTA_MODES, without importing it
+
 
 def _model_args(p: argparse.ArgumentParser, many: bool = True) -> None:
     if many:
         p.add_argument("--model", action="append", required=True, metavar="RUN",
                        help="run folder or ensemble folder; repeat for an ensemble (mean of probabilities)")
         p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model (default equal)")
-        p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
+        p.add_argument("--tta", default="none", choices=TTA_CHOICES,
                        help="test-time augmentation: centre crop only, + mirror, 4 corners + centre, those + mirrors, "
                        "or the whole image through the fully convolutional network")
         p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
@@ -171,7 +173,7 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
                         "name, keras_hub:<preset>, a keras-hub preset folder or a .keras file")
     p.add_argument("--backbone-preprocess", default="auto", help="how a --backbone file expects its pixels (finetune's "
                    "--backbone-preprocess)")
-    p.add_argument("--tta", default="none", choices=("none", "flip", "5crop", "10crop", "full"),
+    p.add_argument("--tta", default="none", choices=TTA_CHOICES,
                    help="the views whose features are averaged (predict's)")
     p.add_argument("--batch-size", type=int, default=32, help="images (times views) per forward pass")
     p.add_argument("--out", default="embeddings.parquet", help="file to write: .parquet, .npz or .csv")

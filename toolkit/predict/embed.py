@@ -32,20 +32,12 @@ class Embedder:
     source: str  # the run folder or the backbone, for messages
     _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
-    def fixed_size(self) -> int | None:
-        return self.model.input_shape[1]
-
     def forward(self, whole_images: bool = False):
-        import tensorflow as tf
+        """The model's inference call, compiled once per view kind (:func:`toolkit.predict.members.compiled_forward`)."""
+        from toolkit.predict.members import compiled_forward
 
-        if whole_images and self.fixed_size:
-            raise UserError(f"--tta full: {self.source} takes only {self.fixed_size}x{self.fixed_size} images, not "
-                            "whole images; use --tta none, flip, 5crop or 10crop")
         if whole_images not in self._forwards:
-            size = None if whole_images else self.image_size
-            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
-            self._forwards[whole_images] = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+            self._forwards[whole_images] = compiled_forward(self.model, self.image_size, whole_images, self.source)
         return self._forwards[whole_images]
 
 

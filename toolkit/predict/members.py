@@ -41,27 +41,38 @@ class Member:
     @property
     def fixed_size(self) -> int | None:
         """The only input size the model takes (a ViT's position embeddings), or None: any size."""
-        return self.model.input_shape[1]
+        return fixed_input_size(self.model)
 
     def forward(self, whole_images: bool = False, features: bool = False):
-        """The model's inference call, compiled once per member: a fixed input signature with any batch
-        (and, for whole images, any height and width) means no re-tracing between calls or batches. With
-        ``features``, (probabilities, pooled backbone features) from the same pass (:func:`toolkit.backbones.head.pooled_model`)."""
-        import tensorflow as tf
-
+        """The model's inference call, compiled once per member (:func:`compiled_forward`). With ``features``,
+        (probabilities, pooled backbone features) from the same pass (:func:`toolkit.backbones.head.pooled_model`)."""
         key = (whole_images, features)
-        if whole_images and self.fixed_size:
-            raise UserError(f"--tta full: {self.path} takes only {self.fixed_size}x{self.fixed_size} images (its "
-                            "backbone's position embeddings are fixed), not whole images; use --tta none, flip, 5crop "
-                            "or 10crop")
         if key not in self._forwards:
             from toolkit.backbones.head import pooled_model
 
-            size = None if whole_images else self.image_size
-            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
             model = pooled_model(self.model) if features else self.model
-            self._forwards[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+            self._forwards[key] = compiled_forward(model, self.image_size, whole_images, str(self.path))
         return self._forwards[key]
+
+
+def fixed_input_size(model) -> int | None:
+    """The only input size ``model`` takes (a ViT's position embeddings), or None: any size."""
+    return model.input_shape[1]
+
+
+def compiled_forward(model, image_size: int, whole_images: bool, source: str):
+    """``model``'s inference call as a ``tf.function`` with a fixed input signature: any batch of ``image_size``
+    views (whole images: any height and width), so no re-tracing between calls or batches. A model of one fixed
+    input size refuses whole images in one line (``source`` names it)."""
+    import tensorflow as tf
+
+    fixed = fixed_input_size(model)
+    if whole_images and fixed:
+        raise UserError(f"--tta full: {source} takes only {fixed}x{fixed} images (its backbone's position embeddings "
+                        "are fixed), not whole images; use --tta none, flip, 5crop or 10crop")
+    size = None if whole_images else image_size
+    spec = tf.TensorSpec((None, size, size, 3), tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
 
 
 def _check_keras_file(path: Path) -> None:
@@ -76,7 +87,8 @@ def _check_keras_file(path: Path) -> None:
             config = b"" if oversized or "config.json" not in archive.namelist() else archive.read("config.json")
     except (OSError, zipfile.BadZipFile, ValueError):
         return  # not a zip: Keras says what it is below
-    for info in oversized:
+    if oversized:
+        info = oversized[0]
         raise UserError(f"{path}: not loaded: its {info.filename} member is {info.file_size / 2**20:,.0f} "
                         f"MB (a model's is well under {MAX_KERAS_JSON_BYTES // 2**20} MB); the file is "
                         "damaged or not a toolkit model: train the run again or restore the file")

@@ -166,13 +166,13 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
             if heads.multi_label:
                 raise ValueError("class weights are for single-label heads; multi-label heads weigh no class")
             mask = mask * np.asarray(class_weights, np.float32)[labels][:, None]
-        onehot = _as_targets(heads, labels)
+        targets = _as_targets(heads, labels)
         flat = views.reshape(n_views * n, *views.shape[2:])
         image = np.tile(np.arange(n), n_views)
         ds = (tf.data.Dataset.from_tensor_slices((flat, image))
               .shuffle(len(flat), seed=settings.seed, reshuffle_each_iteration=True)
               .batch(settings.batch_size)
-              .map(lambda x, i: (x, tf.tile(tf.gather(onehot, i)[:, None, :], [1, k_heads, 1]), tf.gather(mask, i)))
+              .map(lambda x, i: (x, tf.tile(tf.gather(targets, i)[:, None, :], [1, k_heads, 1]), tf.gather(mask, i)))
               .prefetch(2))
         callback = FoldCheckpoint(heads, views[0], labels, held, settings, progress, best, store)
         model.fit(ds, epochs=settings.epochs, initial_epoch=progress.epochs_done, callbacks=[callback, *callbacks],
