@@ -130,6 +130,8 @@ def test_inspect_shows_label_counts_co_occurrence_and_unlabelled_images(sample_d
     folds = stratified_folds(load_multilabel(csv).splits["train"].targets, 5, 0)
     least = min(load_multilabel(csv).splits["train"].targets[folds == k].sum(axis=0).min() for k in range(5))
     assert least >= 1 and f"folds (5, iterative stratification, seed 0): each fold holds at least {least} " in out
+    pairs = int(load_multilabel(csv).splits["train"].targets.sum())
+    assert f"freeze plan for --freeze auto with mobilenet_v2: auto: {pairs} labels on " in out and "per label" in out
 
 
 def test_inspect_says_a_rare_label_cannot_be_cross_validated(sample_data, tmp_path, capsys):
@@ -140,15 +142,19 @@ def test_inspect_says_a_rare_label_cannot_be_cross_validated(sample_data, tmp_pa
     assert "cannot cross-validate this data: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["finetune", "audit"])
-def test_training_and_auditing_refuse_multi_label_data_in_one_line(sample_data, tmp_path, capsys, command):
+def test_auditing_refuses_multi_label_data_and_training_a_single_label_in_one_line(sample_data, tmp_path, capsys):
     csv = write_manifest(tmp_path, [r + ("train",) for r in sample_rows(sample_data)])
-    argv = [command, "--data", str(csv), "--out", str(tmp_path / "out")]
-    assert main(argv) == 2
+    assert main(["audit", "--data", str(csv), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert "its `labels` column makes it multi-label data" in err and f"toolkit inspect --data {csv}" in err
-    assert not (tmp_path / "out").exists()
+    assert "its `labels` column makes it multi-label data" in err and "one class per image" in err
+    csv = write_manifest(tmp_path, [(p, "circle", "train") for p, _ in sample_rows(sample_data)])  # one label only
+    for command, fragments in (("audit", ("its `labels` column makes it multi-label data", "one class per image")),
+                               ("finetune", ("use 1 label(s) ['circle']", "needs at least two"))):
+        assert main([command, "--data", str(csv), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert all(fragment in err for fragment in fragments), err
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_label_and_a_labels_column_together_are_refused(sample_data, tmp_path, capsys):

@@ -143,3 +143,40 @@ def test_multi_label_fold_heads_learn_real_images_and_score_them_out_of_fold(sam
     assert unseen_result.macro_ap < evaluate_multilabel(targets, seen, np.full(4, 0.5), names, resamples=50).macro_ap + 1e-9
     with pytest.raises(ValueError, match=r"multi-label heads need an \(images, 4\) target matrix"):
         fit_fold_heads(heads, maps, targets.argmax(1), held, FoldSettings(epochs=1))
+
+
+def test_per_label_temperatures_soften_over_confident_labels_and_keep_their_ranking():
+    from toolkit.predict.label_calibration import apply_label_temperatures, binary_ece, binary_nll, calibrate_labels
+
+    rng = np.random.default_rng(0)
+    truth = np.clip(rng.beta([1, 2, 3], [3, 2, 1], size=(2000, 3)), 0.03, 0.97)  # each label's true probability
+    targets = (rng.random(truth.shape) < truth).astype(np.uint8)  # drawn from it: `truth` is calibrated
+    confident = 1 / (1 + np.exp(-3 * np.log(truth / (1 - truth))))  # the same ranking, three times too sure
+    fitted = calibrate_labels(confident, targets, ("a", "b", "c"))
+    temperatures = np.asarray(list(fitted["temperatures"].values()))
+    np.testing.assert_allclose(temperatures, 3.0, rtol=0.25)  # the temperature that undoes it
+    assert fitted["nll_after"] < fitted["nll_before"]
+    assert fitted["ece_after"] < fitted["ece_before"]
+    scaled = apply_label_temperatures(confident, temperatures)
+    for c in range(3):
+        assert average_precision_score(targets[:, c], scaled[:, c]) == pytest.approx(
+            average_precision_score(targets[:, c], confident[:, c]))
+    assert binary_nll(scaled, targets) == pytest.approx(fitted["nll_after"])
+    assert binary_ece(targets.astype(float), targets) == 0.0
+    np.testing.assert_array_equal(apply_label_temperatures(confident, np.ones(3)), confident)
+
+
+def test_label_weights_scale_each_labels_positive_term_of_the_binary_cross_entropy():
+    from toolkit.train.fold_heads import PositiveWeightedBinaryCrossentropy
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((6, 2, 3)) < 0.4).astype(np.float32)  # (batch, heads, classes)
+    p = rng.uniform(0.05, 0.95, y.shape).astype(np.float32)
+    loss = PositiveWeightedBinaryCrossentropy()
+    unweighted = np.asarray(loss.call(y, p))
+    np.testing.assert_allclose(unweighted, np.asarray(keras.losses.binary_crossentropy(y, p)), rtol=1e-5)
+    w = np.asarray([1.0, 3.0, 0.5], np.float32)
+    weighted = np.asarray(PositiveWeightedBinaryCrossentropy(w).call(y, p))
+    want = -(w * y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=-1)
+    np.testing.assert_allclose(weighted, want, rtol=1e-5)
+    assert weighted.shape == (6, 2)

@@ -44,7 +44,7 @@ def predict(models: Sequence[str | Path], images: Images, *, weights: Sequence[f
     from toolkit.core.errors import UserError
     from toolkit.core.quiet import import_tensorflow
     from toolkit.data.verify import verify_files
-    from toolkit.predict.inference import collect_images, predictions_frame
+    from toolkit.predict.inference import collect_images, member_views, predictions_frame
     from toolkit.predict.members import load_models
     from toolkit.predict.unknown import member_scorer, parse_unknown, predict_scored
 
@@ -55,6 +55,7 @@ def predict(models: Sequence[str | Path], images: Images, *, weights: Sequence[f
     import_tensorflow()
     members = load_models([str(m) for m in models], weights)
     checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
+    member_views(members[0], tta)  # so is a view the run cannot take
     records = verify_files(collect_images(_paths(images)), progress=False)
     errors = {r.path: r.reason for r in records if not r.ok}
     good = [r for r in records if r.ok]
@@ -65,6 +66,12 @@ def predict(models: Sequence[str | Path], images: Images, *, weights: Sequence[f
         progress = Progbar(len(good) * len(members), unit_name="image").add
     probs, scored = predict_scored(members, checked, [r.decode_path for r in good], [r.is_jpeg for r in good], tta,
                                    batch_size, progress, fraction)
+    if members[0].multi_label:
+        from toolkit.predict.multilabel_report import predictions_frame as multilabel_frame
+
+        frame = multilabel_frame([r.path for r in records], probs, members[0].labels.thresholds,
+                                 members[0].class_names, errors)
+        return Predictions(frame, len(good), len(errors), None)
     frame = predictions_frame([r.path for r in records], probs, members[0].class_names, errors, top_k, all_probs,
                               scored)
     rejected = int((scored[0] > scored[1]).sum()) if scored is not None else None
@@ -170,16 +177,47 @@ class Run:
         return (self.path / runs.ENSEMBLE_FILE).is_file()
 
     @property
+    def is_multi_label(self) -> bool:
+        """Trained on a ``labels`` manifest: several labels per image, each with its own threshold."""
+        return bool(self.metrics.get("multi_label"))
+
+    @property
+    def macro_ap(self) -> float:
+        """A multi-label run's expected macro average precision on new images (out of fold)."""
+        return float(self._estimate("macro_ap"))
+
+    @property
+    def macro_ap_ci95(self) -> tuple[float, float]:
+        low, high = self._estimate("macro_ap_interval")
+        return float(low), float(high)
+
+    def _estimate(self, key: str):
+        if not self.is_multi_label:
+            from toolkit.core.errors import UserError
+
+            raise UserError(f"{self.path} is a single-label run: its estimate is Run.accuracy, not {key}")
+        return self.metrics["estimate"][key]
+
+    @property
     def accuracy(self) -> float:
         """The accuracy the run expects on new images: out-of-fold for a cross-validated run, else validation."""
+        self._single_label("accuracy")
         cv = self.metrics.get("cv")
         return float(cv["accuracy"] if cv else self.metrics["val_accuracy"])
 
     @property
     def accuracy_ci95(self) -> tuple[float, float]:
+        self._single_label("accuracy_ci95")
         cv = self.metrics.get("cv")
         low, high = cv["accuracy_ci95"] if cv else self.metrics["val_accuracy_ci95"]
         return float(low), float(high)
+
+    def _single_label(self, key: str) -> None:
+        if self.is_multi_label:
+            from toolkit.core.errors import UserError
+
+            raise UserError(f"{self.path} is a multi-label run: it has no {key}; its estimate is Run.macro_ap (with "
+                            "Run.macro_ap_ci95) and metrics['estimate']")
 
     def summary(self) -> str:
         """The accuracy line ``toolkit finetune`` prints: the estimate, its interval and how many images."""
@@ -191,7 +229,8 @@ class Run:
                 all_probs: bool = False, batch_size: int = 32):
         """A pandas DataFrame, one row per image: ``path, label, probability``, the top-k classes, and an
         ``error`` column for unreadable files. ``tta``: none, flip, 5crop, 10crop or full; ``unknown``: off, auto
-        or a rejection fraction (adds ``unknown_score``). The probabilities are ``toolkit predict``'s."""
+        or a rejection fraction (adds ``unknown_score``). The probabilities are ``toolkit predict``'s. A multi-label
+        run's rows are ``path, labels`` (joined by ``;``), ``prob_<class>`` for every class and ``error``."""
         return predict([self.path], images, tta=tta, unknown=unknown, top_k=top_k, all_probs=all_probs,
                        batch_size=batch_size).frame
 

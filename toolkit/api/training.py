@@ -23,7 +23,8 @@ def finetune(data: str | Path, out: str | Path | None = None, *, recipe: str | P
 
     Args:
         data: a folder with one sub-folder per class, a folder with ``train/`` and ``val/`` splits, or a CSV
-            manifest (``path,label[,split]``).
+            manifest (``path,label[,split]``); a manifest with a ``labels`` column (class names joined by ``;``)
+            trains a multi-label classifier (``Run.macro_ap`` is then its estimate).
         out: the run folder to create (default ``runs/<date>-<time>-<backbone>``). It must not exist, unless
             ``overwrite`` and it holds an earlier toolkit output.
         recipe: a shipped recipe name (``quick``, ``small-data``, ``accurate``) or the path of a TOML recipe.
@@ -64,6 +65,14 @@ def train(config, out: str | Path | None = None, *, overwrite: bool = False, ens
 
     import_tensorflow()
     if ensemble:
+        from toolkit.data.multilabel import is_multilabel
+
+        if config.data and is_multilabel(config.data):
+            from toolkit.core.errors import UserError
+
+            raise UserError(f"--ensemble: not available for multi-label data ({config.data} has a `labels` column); "
+                            f"a multi-label run already averages its fold heads. Drop --ensemble. Received: "
+                            f"ensemble={ensemble!r}")
         return Run.from_result(finetune_ensemble(config, ensemble, out=out, overwrite=overwrite, verbose=verbose))
     prepared = single.prepare(config, out, overwrite, verbose)
     if prepared.fold_members:

@@ -204,6 +204,11 @@ class FoldHeads:
         return keras.Model(inputs, self.per_fold(inputs), name="fold_heads")
 
 
+def is_multi_label(model) -> bool:
+    """Whether a classifier's class maps are pooled by log-sum-exp into sigmoids (a multi-label head)."""
+    return any(isinstance(layer, LogSumExpPooling2D) for layer in model.layers)
+
+
 def feature_width(model) -> int:
     """Channels of the pooled backbone features :func:`pooled_model` gives."""
     return int(model.get_layer(BACKBONE).output.shape[-1])

@@ -28,7 +28,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     """Predict the class of every image given (files, folders searched recursively, or CSVs with a path
     column) with one model or an ensemble, optionally with test-time augmentation. Writes a CSV: path,
     label, probability, top-k labels and probabilities (all class probabilities with --all-probs), and
-    an error column for unreadable files, which get a row saying why."""
+    an error column for unreadable files, which get a row saying why. A multi-label run writes path, labels
+    (every label at or above its threshold, joined by ';'), prob_<class> for every class, and error; its
+    views keep the whole image (--tta none, flip or full)."""
     from toolkit.api.run import predict
     from toolkit.core import outputs, runs
 
@@ -72,13 +74,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate one model or an ensemble on labelled data: DATA's test/ split if it has one, else its
     validation split, else every image. Writes metrics.json (accuracy, top-5 with 5+ classes, per-class
     precision/recall/F1, confusion matrix, ECE, NLL), confusion_matrix.csv/.png, predictions.csv and
-    mistakes.png (the most confident mistakes) into --out."""
+    mistakes.png (the most confident mistakes) into --out. A multi-label run is evaluated on a manifest with a
+    labels column: macro and micro mAP, per-label precision/recall/F1 at the run's thresholds, exact match and
+    Jaccard (metrics.json, per_label.csv, predictions.csv, report.html)."""
     from toolkit.api.run import evaluate
 
     m = evaluate(args.model, args.data, args.out, weights=args.weights, tta=args.tta, unknown=args.unknown,
                  batch_size=args.batch_size, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
-    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
     which = {"test": "test images", "validation": "validation images", "all": "images (all of --data)"}[m["split"]]
+    if m.get("multi_label"):
+        low, high = m["macro_ap_interval"]
+        print(f"macro mAP {m['macro_ap']:.4f} (95% CI {low:.2f}–{high:.2f}), micro mAP {m['micro_ap']:.4f}, exact "
+              f"match {m['exact_match']:.4f}, Jaccard {m['jaccard']:.4f} on {m['images']} {which}; written to {args.out}")
+        return 0
+    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
     low, high = m["accuracy_ci95"]
     print(f"accuracy {m['accuracy']:.4f} (95% CI {low:.2f}–{high:.2f}){top5}, macro F1 {m['macro_f1']:.4f}, "
           f"ECE {m['ece']:.4f} on {m['n']} {which}; written to {args.out}")

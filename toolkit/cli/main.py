@@ -27,7 +27,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """Train an image classifier from a pretrained backbone. DATA is a folder with one sub-folder per
     class, a folder with train/ and val/ (or validation/) sub-folders that each hold one sub-folder per
-    class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV). Without a
+    class, or a CSV manifest with path,label[,split] columns (paths relative to the CSV); a manifest with a
+    labels column (class names joined by ';') trains a multi-label classifier instead (fold heads on the
+    frozen backbone, a threshold per label; docs/guide/multi-label.md). Without a
     validation split, a stratified split of --val-fraction is held out. Every image is verified by
     decoding; unusable files are skipped and listed. Stage 1 trains a Network-in-Network head (1x1 conv
     per class + global average pooling) on the frozen backbone, on cached features; stage 2 fine-tunes
@@ -222,7 +224,8 @@ def _print_problems(problems, all_problems: bool) -> None:
 
 
 def _inspect_multilabel(args: argparse.Namespace) -> int:
-    """inspect for a multi-label manifest: images per label and split, label co-occurrence, unlabelled images."""
+    """inspect for a multi-label manifest: images per label and split, label co-occurrence, unlabelled images, the
+    folds, the freeze plan (training pools the train and val rows, as a multi-label run does)."""
     import pandas as pd
 
     from toolkit.data.datasets import DatasetError
@@ -230,11 +233,12 @@ def _inspect_multilabel(args: argparse.Namespace) -> int:
     from toolkit.train.folds import AUTO_FOLDS
 
     data = load_multilabel(args.data, progress=True)
-    names, train = data.class_names, data.splits["train"]
+    names = data.class_names
+    train = data.splits["train"] + data.splits["val"] if "val" in data.splits else data.splits["train"]
     sizes = ", ".join(f"{split} {len(part)}" for split, part in data.splits.items())
     print(f"data: {data.source}")
     print(f"classes: {len(names)}; images: {sizes}; {train.targets.sum(axis=1).mean():.2f} labels per training "
-          "image on average")
+          "image on average (training: the train and val rows, pooled)")
     table = pd.DataFrame({split: part.counts() for split, part in data.splits.items()}, index=list(names))
     print("images holding each label:\n" + "\n".join("  " + line for line in table.to_string().splitlines()))
     print("images holding no label: " + ", ".join(f"{split} {part.unlabelled()}" for split, part in
@@ -254,6 +258,12 @@ def _inspect_multilabel(args: argparse.Namespace) -> int:
     least = min(int(train.targets[folds == k].sum(axis=0).min()) for k in range(AUTO_FOLDS))
     print(f"folds ({AUTO_FOLDS}, iterative stratification, seed {args.seed}): each fold holds at least {least} "
           f"image{'s' * (least != 1)} of every label")
+    from toolkit import backbones
+    from toolkit.train.multilabel_run import label_plan
+
+    plan = label_plan("auto", train.targets, [s.name for s in backbones.get_spec(args.backbone).stages])
+    print(f"freeze plan for --freeze auto with {args.backbone}: {plan.describe()}"
+          + ("" if plan.head_only else " (a multi-label run trains the head alone on the frozen backbone)"))
     return 0
 
 

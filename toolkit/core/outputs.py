@@ -41,18 +41,19 @@ WRITTEN: dict[str, tuple[str, ...]] = {
     "run": _COMMON + (runs.MODEL_FILE, runs.RECIPE_FILE, runs.STATE_FILE, runs.CLASSES_FILE, runs.CALIBRATION_FILE,
                       runs.METRICS_FILE, runs.PCA_FILE, runs.DATA_FILE, runs.REPORT_FILE, runs.REPORT_HTML_FILE,
                       runs.HISTORY_FILE, runs.CURVES_FILE, "*.weights.h5", runs.CACHE_DIR, runs.TENSORBOARD_DIR,
-                      runs.FOLDS_FILE, runs.CV_BEST_FILE, runs.UNKNOWN_FILE) + _AUDIT,
+                      runs.FOLDS_FILE, runs.CV_BEST_FILE, runs.UNKNOWN_FILE, runs.THRESHOLDS_FILE,
+                      runs.OOF_FILE) + _AUDIT,
     "ensemble": _COMMON + (runs.ENSEMBLE_FILE, runs.METRICS_FILE, runs.REPORT_HTML_FILE),  # and its member runs, each marked itself
     "evaluation": _COMMON + (runs.METRICS_FILE, "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
-                             "mistakes.png", runs.REPORT_HTML_FILE),
+                             "mistakes.png", runs.REPORT_HTML_FILE, "per_label.csv"),
     "explain": _COMMON + ("*.png",),
     "audit": _COMMON + _AUDIT + (runs.REPORT_HTML_FILE,),
     "export": _COMMON + (runs.CLASSES_FILE, "savedmodel", "model.tflite", "model-fp16.tflite", "model-int8.tflite",
-                         "model.onnx", "export.json"),
+                         "model.onnx", "export.json", runs.THRESHOLDS_FILE),
 }
 # What the toolkit writes inside the sub-folders it makes (paths relative to them; ``*`` spans folders).
 INSIDE: dict[str, tuple[str, ...]] = {
-    runs.CACHE_DIR: ("features.npz", "features-*of*.npz", "cv-features.npz", ".tmp-*"),
+    runs.CACHE_DIR: ("features.npz", "features-*of*.npz", "cv-features.npz", "multilabel-features.npz", ".tmp-*"),
     runs.TENSORBOARD_DIR: ("*events.out.tfevents.*", "*.profile-empty", "*/plugins/profile/*"),
     "savedmodel": ("saved_model.pb", "fingerprint.pb", "keras_metadata.pb", "variables/variables.*", "assets/*"),
 }
@@ -308,7 +309,8 @@ def output_dir(path: str | Path, overwrite: bool, kind: str,
 
 
 def check_output_file(path: str | Path, overwrite: bool, inputs: Mapping[str, Sequence[str | Path]],
-                      header: str = runs.PREDICTIONS_HEADER, written_by_toolkit=None) -> Path:
+                      header: tuple[str, ...] = (runs.PREDICTIONS_HEADER, runs.MULTILABEL_PREDICTIONS_HEADER),
+                      written_by_toolkit=None) -> Path:
     """Refuse a CSV ``--out`` that is a folder, an input, unwritable, or a file toolkit did not write (by its
     header, or ``written_by_toolkit(path) -> bool`` for another format)."""
     path = Path(path)
@@ -328,10 +330,10 @@ def check_output_file(path: str | Path, overwrite: bool, inputs: Mapping[str, Se
             return path
         try:
             with open(path, encoding="utf-8") as f:
-                first = f.readline(len(header) + 1)
+                first = f.readline(max(map(len, header)) + 1)
         except (OSError, UnicodeDecodeError):
             first = ""
-        if not first.startswith(header) or not path.is_file():
+        if not first.startswith(tuple(header)) or not path.is_file():
             raise UserError(f"--overwrite refused: {str(path)!r} is not a predictions CSV written by toolkit (its "
-                            f"first line is not '{header},...'). Choose another --out.")
+                            f"first line is not '{header[0]},...'). Choose another --out.")
     return path

@@ -43,10 +43,13 @@ AUDIT_FILE = "audit.csv"  # toolkit audit (and a cross-validated run): the findi
 AUDIT_GALLERY = "audit.png"
 AUDIT_MANIFEST = "audit-manifest.csv"  # path,label[,split] with the suggested labels applied
 AUDIT_SUMMARY = "audit.json"
+OOF_FILE = "out-of-fold.csv"  # a multi-label run: every labelled image's out-of-fold probabilities and labels
+THRESHOLDS_FILE = "thresholds.json"  # a multi-label run: each label's decision threshold (its presence marks one)
 UNKNOWN_FILE = "unknown.npz"  # what --unknown scores with (toolkit.predict.unknown)
 TMP_TAIL_BYTES = 120  # of a target's name kept at the end of its temporary name
 # The header every predictions CSV starts with: --overwrite replaces only such a file.
 PREDICTIONS_HEADER = "path,label,probability"
+MULTILABEL_PREDICTIONS_HEADER = "path,labels,prob_"  # a multi-label run's predictions
 
 
 def backbone_label(backbone: str) -> str:

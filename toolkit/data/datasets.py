@@ -33,8 +33,26 @@ logger = logging.getLogger(__name__)
 FEW_TRAIN_IMAGES = 5
 
 
+class VerifiedPaths:
+    """What to decode for images listed by ``paths`` with their verification ``records`` (None before verifying):
+    a converted copy where the original could not be decoded by TensorFlow as it is, and whether it is a JPEG."""
+
+    paths: tuple[str, ...]
+    records: tuple[ImageRecord, ...] | None
+
+    @property
+    def decode_paths(self) -> tuple[str, ...]:
+        return tuple(r.decode_path for r in self.records) if self.records is not None else self.paths
+
+    @property
+    def is_jpeg(self) -> tuple[bool, ...]:
+        if self.records is not None:
+            return tuple(r.is_jpeg for r in self.records)
+        return tuple(Path(p).suffix.lower() in (".jpg", ".jpeg", ".jfif") for p in self.paths)
+
+
 @dataclasses.dataclass(frozen=True)
-class Split:
+class Split(VerifiedPaths):
     """Images with integer labels into ``class_names``; ``records`` once verified."""
 
     paths: tuple[str, ...]
@@ -60,15 +78,6 @@ class Split:
         records = tuple(self.records[i] for i in indices) if self.records is not None else None
         return Split(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.class_names, records)
 
-    @property
-    def decode_paths(self) -> tuple[str, ...]:
-        return tuple(r.decode_path for r in self.records) if self.records is not None else self.paths
-
-    @property
-    def is_jpeg(self) -> tuple[bool, ...]:
-        if self.records is not None:
-            return tuple(r.is_jpeg for r in self.records)
-        return tuple(Path(p).suffix.lower() in (".jpg", ".jpeg", ".jfif") for p in self.paths)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,9 +208,9 @@ def discover(root: Path, problems: list[Problem]) -> tuple[dict[str, dict[str, l
     check_source(root)
     if root.is_file():
         if has_labels_column(root):
-            raise DatasetError(f"{root}: its `labels` column makes it multi-label data, which `toolkit inspect --data "
-                               f"{root}` describes but training and evaluation do not take: give each image one class "
-                               "in a `label` column")
+            raise DatasetError(f"{root}: its `labels` column makes it multi-label data, which `toolkit finetune` trains "
+                               "a multi-label run on and `toolkit evaluate` measures such a run with; this takes one "
+                               "class per image: give each image one class in a `label` column, or use a multi-label run")
         layout = _read_manifest(root, problems)
         return layout, {split: f"rows with split {split} in {root}" for split in layout}, f"CSV manifest {root}"
     _check_split_names(root)

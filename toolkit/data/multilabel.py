@@ -17,10 +17,11 @@ from typing import Sequence
 import numpy as np
 
 from toolkit.data.discovery import LABELS_COLUMN, SEPARATOR, SPLIT_NAMES, DatasetError, Problem, has_labels_column
-from toolkit.data.datasets import verify_listing
-from toolkit.data.verify import VerificationCache
+from toolkit.data.datasets import VerifiedPaths, verify_listing
+from toolkit.data.verify import ImageRecord, VerificationCache
 
-__all__ = ["LABELS_COLUMN", "SEPARATOR", "has_labels_column", "load_multilabel", "parse_cell", "stratified_folds"]
+__all__ = ["LABELS_COLUMN", "SEPARATOR", "has_labels_column", "is_multilabel", "load_multilabel", "parse_cell",
+           "stratified_folds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,12 @@ class LabelCell:
 
     names: tuple[str, ...]
     repeated: tuple[str, ...] = ()
+
+
+def is_multilabel(data: str | Path) -> bool:
+    """Whether ``data`` is a CSV manifest with a ``labels`` column (both ``label`` and ``labels``: a user error)."""
+    path = Path(data)
+    return path.is_file() and path.suffix.lower() == ".csv" and has_labels_column(path)
 
 
 def parse_cell(cell: str) -> LabelCell:
@@ -44,15 +51,24 @@ def parse_cell(cell: str) -> LabelCell:
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiLabelSplit:
+class MultiLabelSplit(VerifiedPaths):
     """Images of one split and the classes each holds, as a 0/1 matrix over ``class_names``."""
 
     paths: tuple[str, ...]
     targets: np.ndarray  # (images, classes) uint8
     class_names: tuple[str, ...]
+    records: tuple[ImageRecord, ...] | None = None  # once verified: what to decode (converted copies) and how
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __add__(self, other: "MultiLabelSplit") -> "MultiLabelSplit":
+        """Both splits' images in one (same classes)."""
+        if other.class_names != self.class_names:
+            raise ValueError(f"cannot join splits with classes {self.class_names} and {other.class_names}")
+        records = self.records + other.records if self.records is not None and other.records is not None else None
+        return MultiLabelSplit(self.paths + other.paths, np.concatenate([self.targets, other.targets]),
+                               self.class_names, records)
 
     def counts(self) -> dict[str, int]:
         """Images per label."""
@@ -161,7 +177,7 @@ def load_multilabel(csv_path: str | Path, cache: VerificationCache | None = None
         raise DatasetError(f"{csv_path}: no usable training images; `toolkit inspect --data {csv_path}` lists why")
     splits = {split: MultiLabelSplit(tuple(p for p, _ in rows),
                                      targets_matrix([[n for n in names if n in class_names] for _, names in rows],
-                                                    class_names), class_names)
+                                                    class_names), class_names, tuple(records[p] for p, _ in rows))
               for split, rows in usable.items() if rows}
     return MultiLabelData(splits, class_names, tuple(problems), f"multi-label CSV manifest {csv_path}")
 

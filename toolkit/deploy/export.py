@@ -3,9 +3,11 @@
 Every format takes what the Keras model takes: raw RGB float32 in [0, 255],
 (batch, size, size, 3), preprocessing inside; the output is the class
 probabilities with the run's temperature applied, so an exported model gives
-what ``toolkit predict`` gives for the centre crop. The fully convolutional
-classifier is exported at the run's input size or at ``--image-size``. The
-exported file and a ``classes.json`` go into ``--out``.
+what ``toolkit predict`` gives for the centre crop. A multi-label run's gives each
+label's probability with its own temperature for the whole image resized to the
+input size (``predict --tta none``), and ``thresholds.json`` beside it holds the
+thresholds. The fully convolutional classifier is exported at the run's input
+size or at ``--image-size``. The exported file and a ``classes.json`` go into ``--out``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ def deployable_model(member, size: int):
 
     inputs = keras.Input((size, size, 3), batch_size=None, name="image")
     probs = member.model(inputs)
-    if member.temperature != 1.0:
+    if member.multi_label:  # one temperature per label: sigmoid(logit(p) / T), as label_calibration applies it
+        from toolkit.predict.label_calibration import EPS as LABEL_EPS
+
+        p = keras.ops.clip(probs, LABEL_EPS, 1.0 - LABEL_EPS)
+        temperatures = keras.ops.convert_to_tensor(member.labels.temperatures.astype("float32"))
+        probs = keras.ops.sigmoid((keras.ops.log(p) - keras.ops.log(1.0 - p)) / temperatures)  # no Log1p in ONNX
+    elif member.temperature != 1.0:
         logits = keras.ops.log(keras.ops.clip(probs, EPS, 1.0)) / member.temperature
         probs = keras.ops.softmax(logits, axis=-1)
     return keras.Model(inputs, probs, name="classifier")
@@ -71,11 +79,17 @@ def export(model: str, fmt: str, out: str | Path, overwrite: bool = False, image
     if image_size and member.fixed_size and image_size != member.fixed_size:
         raise UserError(f"--image-size {image_size}: {model} takes only {member.fixed_size} px images (its backbone's "
                         f"position embeddings are fixed); leave --image-size out")
+    if member.multi_label and fmt.startswith("tflite-"):
+        raise UserError(f"--format {fmt}: a quantized export measures its accuracy against the float model on "
+                        f"single-label data; {model} is a multi-label run. Use savedmodel, tflite or onnx")
     size = image_size or member.image_size
     measure_on = _measurement_data(model, data) if fmt.startswith("tflite-") else None
     keras_model = deployable_model(member, size)
     with outputs.output_dir(out, overwrite, "export", inputs) as stage:
         runs.write_json(stage / runs.CLASSES_FILE, list(member.class_names))
+        if member.multi_label:  # what each label's probability is compared with
+            runs.write_json(stage / runs.THRESHOLDS_FILE, {"thresholds": dict(zip(member.class_names, map(
+                float, member.labels.thresholds)))})
         target = stage / FILE_NAMES[fmt]
         if fmt == "savedmodel":
             _export_savedmodel(keras_model, target)

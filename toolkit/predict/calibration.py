@@ -43,24 +43,25 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The T > 0 minimising the validation NLL of softmax(log p / T) (golden-section search on log T)."""
+    """The T > 0 minimising the validation NLL of softmax(log p / T)."""
+    return minimise_temperature(lambda t: nll(apply_temperature(probs, t), labels))
+
+
+def minimise_temperature(loss) -> float:
+    """The T in [0.05, 20] minimising ``loss(T)`` (golden-section search on log T; the NLL is convex in 1/T)."""
     lo, hi = np.log(0.05), np.log(20.0)
     ratio = (np.sqrt(5) - 1) / 2
-
-    def loss(log_t: float) -> float:
-        return nll(apply_temperature(probs, float(np.exp(log_t))), labels)
-
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = loss(a), loss(b)
+    fa, fb = loss(float(np.exp(a))), loss(float(np.exp(b)))
     for _ in range(60):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = loss(a)
+            fa = loss(float(np.exp(a)))
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = loss(b)
+            fb = loss(float(np.exp(b)))
     return float(np.exp((lo + hi) / 2))
 
 

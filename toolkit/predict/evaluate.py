@@ -82,6 +82,10 @@ def evaluate(models: Sequence[str], data: str, out: str | Path, tta: str = "none
     outputs.check_output_dir(out, overwrite, "evaluation", inputs)  # before the work: a refusal costs nothing
     members = load_models(models, weights)
     checked = member_scorer(members) if fraction is not None else None  # refused before any image is read
+    if members[0].multi_label:
+        from toolkit.predict import evaluate_multilabel
+
+        return evaluate_multilabel.evaluate(members[0], data, out, tta, overwrite, batch_size, verbose, inputs)
     class_names = members[0].class_names
     split, splits, which = evaluation_split(data)
     index = {n: i for i, n in enumerate(class_names)}

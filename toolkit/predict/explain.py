@@ -90,6 +90,24 @@ def labelled_overlay(image: np.ndarray, cam: np.ndarray, caption: Sequence[str])
     return canvas
 
 
+def explained_classes(member, probs: np.ndarray, class_name: str | None) -> list[int]:
+    """The classes whose maps are drawn: ``class_name``; else the predicted class, or for a multi-label run every
+    label at or above its threshold (the most probable one when none is)."""
+    if class_name is not None:
+        return [member.class_names.index(class_name)]
+    if member.multi_label:
+        above = [int(i) for i in np.flatnonzero(probs >= member.labels.thresholds)]
+        return above or [int(probs.argmax())]
+    return [int(probs.argmax())]
+
+
+def caption(member, probs: np.ndarray, index: int) -> str:
+    line = f"{member.class_names[index]} p={probs[index]:.2f}"
+    if member.multi_label and probs[index] < member.labels.thresholds[index]:
+        line += f" (below its threshold {member.labels.thresholds[index]:.2f})"
+    return line
+
+
 def safe_file_name(text: str) -> str:
     """``text`` as one harmless file-name part: no separators, no leading dots, never empty."""
     return re.sub(r"[^\w.-]+", "_", text).lstrip(".") or "_"
@@ -97,8 +115,8 @@ def safe_file_name(text: str) -> str:
 
 def explain(model: str, images: Sequence[str], out: str | Path, class_name: str | None = None,
             overwrite: bool = False) -> list[Path]:
-    """One CAM overlay per readable image into the folder ``out``, labelled below with the class, its probability,
-    the file name and the colour scale. The class explained (the predicted one, or
+    """One CAM overlay per readable image (a multi-label run: one per predicted label) into the folder ``out``,
+    labelled below with the class, its probability, the file name and the colour scale. The class explained (the predicted one, or
     ``class_name``) and the probability logged are ``toolkit predict``'s: the calibrated probability of the
     evaluation centre crop; the map itself is of the whole image."""
     from PIL import Image
@@ -120,18 +138,18 @@ def explain(model: str, images: Sequence[str], out: str | Path, class_name: str 
                 logger.warning("explain: skipped %s: %s", record.path, record.reason)
                 continue
             probs = predict_member(member, [record.decode_path], [record.is_jpeg])[0]
-            index = int(probs.argmax()) if class_name is None else member.class_names.index(class_name)
             with Image.open(record.decode_path) as im:
                 image = np.asarray(im.convert("RGB"))
-            cam, _, _ = class_activation_map(member, image, member.class_names[index])
-            name = paths.fit_name(f"{safe_file_name(Path(record.path).stem)}.cam-"
-                                    f"{safe_file_name(member.class_names[index])}.png", reserve=8)
-            if (stage / name).exists():  # the same file name in two folders
-                name = f"{Path(name).stem}-{len(written) + 1}.png"
-            with runs.atomic_path(stage / name) as tmp:
-                caption = (f"{member.class_names[index]} p={probs[index]:.2f}", Path(record.path).name)
-                labelled_overlay(image, cam, caption).save(tmp, format="PNG")
-            logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index],
-                        Path(out) / name)
-            written.append(Path(out) / name)
+            for index in explained_classes(member, probs, class_name):
+                cam, _, _ = class_activation_map(member, image, member.class_names[index])
+                name = paths.fit_name(f"{safe_file_name(Path(record.path).stem)}.cam-"
+                                        f"{safe_file_name(member.class_names[index])}.png", reserve=8)
+                if (stage / name).exists():  # the same file name in two folders
+                    name = f"{Path(name).stem}-{len(written) + 1}.png"
+                with runs.atomic_path(stage / name) as tmp:
+                    labelled_overlay(image, cam, (caption(member, probs, index), Path(record.path).name)).save(
+                        tmp, format="PNG")
+                logger.info("explain: %s → %s (p=%.3f), %s", record.path, member.class_names[index], probs[index],
+                            Path(out) / name)
+                written.append(Path(out) / name)
     return written

@@ -29,12 +29,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from toolkit.core.errors import UserError
-from toolkit.predict.calibration import apply_temperature
 from toolkit.predict.members import Member
 
 logger = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "5crop", "10crop", "full")
+# A multi-label run's views keep every part of the image, since any corner may hold a labelled object: the whole
+# image resized to size x size (aspect not kept), and its mirror. ``none`` and ``flip`` become these for such a run
+# (:func:`member_views`); ``full`` is the whole image at its aspect; the corner crops are refused.
+WHOLE_VIEWS = {"none": "whole", "flip": "whole-flip", "full": "full"}
 # The whole-image view (``--tta full``, ``explain``) has its shorter side at size / crop_fraction; an image
 # of extreme aspect ratio (20000x100) would become a 51200x256 input and tens of GB of activations, so the
 # view is scaled down further to hold at most this many pixels (4 of the 256x256 standard views: a 4:1
@@ -75,6 +78,9 @@ def tta_views(data, is_jpeg, size: int, mode: str, crop_fraction: float):
         return eval_image(data, is_jpeg, size, crop_fraction)[tf.newaxis]
     image = tf.io.decode_image(data, channels=3, expand_animations=False)  # decoded once, all views cut from it
     image.set_shape([None, None, 3])
+    if mode in ("whole", "whole-flip"):
+        squashed = resize(tf.cast(image, tf.float32), size)
+        return tf.stack([squashed, tf.reverse(squashed, axis=[1])] if mode == "whole-flip" else [squashed])
     if mode == "full":
         return tf.image.resize(image, whole_image_size(tf.shape(image)[:2], size, crop_fraction), method="bilinear")[tf.newaxis]
     windows, mirrored = _windows(tf.shape(image), mode, crop_fraction)
@@ -109,13 +115,27 @@ def _views_function(size: int, mode: str, crop_fraction: float):
 
 
 def view_count(mode: str) -> int:
-    return {"none": 1, "flip": 2, "5crop": 5, "10crop": 10, "full": 1}[mode]
+    return {"none": 1, "flip": 2, "5crop": 5, "10crop": 10, "full": 1, "whole": 1, "whole-flip": 2}[mode]
+
+
+def member_views(member: Member, mode: str) -> str:
+    """The views ``--tta mode`` means for ``member``: its own for a single-label run; for a multi-label run views
+    that keep the whole image (:data:`WHOLE_VIEWS`), the corner crops refused in one line."""
+    if mode not in TTA_MODES:
+        raise UserError(f"Unknown --tta. Received: tta={mode!r}; allowed: {', '.join(TTA_MODES)}")
+    if not member.multi_label:
+        return mode
+    if mode not in WHOLE_VIEWS:
+        raise UserError(f"--tta {mode}: {member.path} is a multi-label run, and a crop can cut a labelled object off; "
+                        f"use --tta none (the whole image), flip (and its mirror) or full (the whole image at its "
+                        f"aspect ratio)")
+    return WHOLE_VIEWS[mode]
 
 
 def centre_view(mode: str) -> int:
     """Which of a crop mode's views (:func:`_windows`' order: corners, then the centre; mirrors after) is the
     plain centre crop, the view ``--unknown`` scores."""
-    return {"none": 0, "flip": 0, "5crop": 4, "10crop": 4}[mode]
+    return {"none": 0, "flip": 0, "5crop": 4, "10crop": 4, "whole": 0, "whole-flip": 0}[mode]
 
 
 def predict_member(member: Member, decode_paths: Sequence[str], is_jpeg: Sequence[bool], mode: str = "none",
@@ -139,6 +159,7 @@ def _predict(member: Member, decode_paths, is_jpeg, mode: str, batch_size: int, 
     """(probabilities, centre-crop features or None) of one member."""
     if not decode_paths:
         return np.zeros((0, len(member.class_names)), np.float32), (np.zeros((0, 1), np.float32) if features else None)
+    mode = member_views(member, mode)
     forward = member.forward(whole_images=mode == "full", features=features)
     out, pooled = [], []
     for result in view_batches(forward, decode_paths, is_jpeg, member.image_size, mode, member.crop_fraction,
@@ -147,7 +168,8 @@ def _predict(member: Member, decode_paths, is_jpeg, mode: str, batch_size: int, 
         if features:
             pooled.append(result[1][:, centre_view(mode)])
     probs = np.concatenate(out)
-    return apply_temperature(probs, member.temperature), (np.concatenate(pooled).astype(np.float32) if features else None)
+    scaled = member.calibrated(probs)
+    return scaled, (np.concatenate(pooled).astype(np.float32) if features else None)
 
 
 def view_batches(forward, decode_paths, is_jpeg, size: int, mode: str, crop_fraction: float, batch_size: int,
@@ -162,7 +184,7 @@ def view_batches(forward, decode_paths, is_jpeg, size: int, mode: str, crop_frac
 
     from toolkit.data.pipeline import finish, parallel_calls
 
-    if mode not in TTA_MODES:
+    if mode not in TTA_MODES and mode not in WHOLE_VIEWS.values():
         raise ValueError(f"Unknown TTA mode. Received: tta={mode!r}; allowed: {', '.join(TTA_MODES)}")
     files = tf.data.Dataset.from_tensor_slices((list(decode_paths), np.asarray(is_jpeg, bool)))
     decoded = files.map(_views_function(size, mode, crop_fraction), num_parallel_calls=parallel_calls(),

@@ -27,6 +27,15 @@ class ModelMismatchError(UserError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelDecisions:
+    """A multi-label run's calibration and decisions: per label, its temperature and the calibrated probability at
+    which it is predicted."""
+
+    temperatures: "np.ndarray"  # (labels,)
+    thresholds: "np.ndarray"  # (labels,)
+
+
 @dataclasses.dataclass
 class Member:
     path: Path
@@ -36,7 +45,22 @@ class Member:
     crop_fraction: float
     temperature: float = 1.0
     weight: float = 1.0
+    labels: "LabelDecisions | None" = None  # a multi-label run's per-label temperatures and thresholds
     _forwards: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels is not None
+
+    def calibrated(self, probs):
+        """The model's probabilities with the run's calibration applied: its temperature, or one per label."""
+        if self.labels is not None:
+            from toolkit.predict.label_calibration import apply_label_temperatures
+
+            return apply_label_temperatures(probs, self.labels.temperatures)
+        from toolkit.predict.calibration import apply_temperature
+
+        return apply_temperature(probs, self.temperature)
 
     @property
     def fixed_size(self) -> int | None:
@@ -102,6 +126,8 @@ def _load_keras_model(path: Path):
     """``keras.models.load_model`` in safe mode; a file it cannot or will not load is a user error."""
     import keras
 
+    import toolkit.backbones.head  # noqa: F401  (registers the toolkit's own layers, e.g. LogSumExpPooling2D)
+
     _check_keras_file(path)
     try:
         return keras.models.load_model(path, safe_mode=True)
@@ -124,17 +150,20 @@ def load_member(run: str | Path, weight: float = 1.0):
     if not (run / runs.MODEL_FILE).is_file():
         raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
     config = load_config(run / runs.RECIPE_FILE)  # validated; its defaults are the config's own
-    temperature = read_temperature(run / runs.CALIBRATION_FILE)
+    # a multi-label run's calibration.json holds one temperature per label (read with its thresholds below)
+    temperature = 1.0 if (run / runs.THRESHOLDS_FILE).is_file() else read_temperature(run / runs.CALIBRATION_FILE)
     class_names = runs.read_json(run / runs.CLASSES_FILE, "It lists the class names in label order; restore it.")
     if (not isinstance(class_names, list) or not all(isinstance(c, str) and c for c in class_names)
             or len(set(class_names)) != len(class_names)):
         raise UserError(f"{run / runs.CLASSES_FILE} must be a JSON list of distinct class names. Received: "
                         f"{class_names!r:.100}")
+    labels = read_label_decisions(run, class_names)  # checked before the model is read: it costs nothing
     model = _load_keras_model(run / runs.MODEL_FILE)
     outputs = model.output_shape[-1]
     if len(class_names) != outputs:
         raise UserError(f"{run / runs.CLASSES_FILE} names {len(class_names)} classes, but the model has {outputs} "
                         "outputs; restore the classes.json that was trained with this model.")
+    check_head(run, model, labels)
     return Member(
         path=run,
         model=model,
@@ -143,7 +172,61 @@ def load_member(run: str | Path, weight: float = 1.0):
         crop_fraction=config.crop_fraction,
         temperature=temperature,
         weight=weight,
+        labels=labels,
     )
+
+
+def read_label_decisions(run: Path, class_names: Sequence[str]) -> LabelDecisions | None:
+    """A multi-label run's ``thresholds.json`` and per-label ``calibration.json``, checked against its classes; None
+    for a single-label run (no thresholds)."""
+    import numpy as np
+
+    path = run / runs.THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    fix = "restore the file, or train the run again"
+    thresholds = _per_label(runs.read_json(path, fix), "thresholds", class_names, (0.0, 1.0), path, fix)
+    temperatures = np.ones(len(class_names))
+    if (run / runs.CALIBRATION_FILE).is_file():
+        calibration = runs.read_json(run / runs.CALIBRATION_FILE, fix)
+        if isinstance(calibration, dict) and "temperature" in calibration and "temperatures" not in calibration:
+            raise UserError(f"{path}: only a multi-label run has thresholds, and {run / runs.CALIBRATION_FILE} is a "
+                            "single-label run's (one temperature); delete the thresholds, or restore the run's own files")
+        temperatures = _per_label(calibration, "temperatures", class_names, TEMPERATURE_RANGE,
+                                  run / runs.CALIBRATION_FILE, "restore the file, or delete it to predict without "
+                                  "calibration")
+    return LabelDecisions(temperatures, thresholds)
+
+
+def check_head(run: Path, model, labels: LabelDecisions | None) -> None:
+    """A sigmoid (multi-label) head must come with thresholds, and thresholds with a sigmoid head."""
+    from toolkit.backbones.head import is_multi_label
+
+    if labels is None and is_multi_label(model):
+        raise UserError(f"{run}: its model is multi-label but {runs.THRESHOLDS_FILE} is missing; restore it, or train "
+                        "the run again")
+    if labels is not None and not is_multi_label(model):
+        raise UserError(f"{run / runs.THRESHOLDS_FILE}: only a multi-label run has thresholds, and "
+                        f"{run / runs.MODEL_FILE} is single-label; delete the file, or restore the run's own model")
+
+
+def _per_label(values, key: str, class_names: Sequence[str], bounds: tuple[float, float], path: Path, fix: str):
+    """``values[key]``: one number in ``bounds`` per class, as a {class: number} object naming exactly the classes."""
+    import math
+
+    import numpy as np
+
+    table = values.get(key) if isinstance(values, dict) else None
+    if not isinstance(table, dict) or sorted(table) != sorted(class_names):
+        raise UserError(f"{path}: {key!r} must map each of the run's {len(class_names)} classes to a number. "
+                        f"Received: {str(table)[:100]}; {fix}")
+    low, high = bounds
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise UserError(f"{path}: {key} of {name!r} must be a number in [{low}, {high}]. Received: {value!r:.40}; "
+                            f"{fix}")
+    return np.asarray([float(table[name]) for name in class_names])
 
 
 def read_temperature(path: Path) -> float:
@@ -180,6 +263,9 @@ def expand_models(paths: Sequence[str | Path], weights: Sequence[float] | None =
 def load_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Member]:
     """Load every member; their class lists must be identical (same names, same order)."""
     members = [load_member(p, w) for p, w in expand_models(paths, weights)]
+    if len(members) > 1 and any(m.multi_label for m in members):
+        raise UserError(f"{next(m.path for m in members if m.multi_label)} is a multi-label run, with its own "
+                        "per-label thresholds: ensembles of multi-label runs are not supported; pass one --model")
     reference = members[0].class_names
     for m in members[1:]:
         if m.class_names != reference:

@@ -198,6 +198,9 @@ def member_scorer(members):
     if len(members) != 1:
         raise UserError(f"--unknown works with one model (its own statistics); received {len(members)} models. Pass "
                         "one --model, or --unknown off.")
+    if members[0].multi_label:
+        raise UserError(f"--unknown: {members[0].path} is a multi-label run; an image holding none of its labels "
+                        "already gets an empty `labels` cell. Use --unknown off.")
     from toolkit.backbones.head import feature_width
 
     return members[0], load_scorer(members[0].path, len(members[0].class_names), feature_width(members[0].model))

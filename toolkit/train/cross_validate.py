@@ -80,9 +80,9 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     from toolkit.backbones.head import FoldHeads, build_classifier
     from toolkit.train.feature_cache import all_views_cache
     from toolkit.train.fit_data import class_weights
-    from toolkit.train.fold_heads import FoldSettings, fit_fold_heads, load_best, save_best
+    from toolkit.train.fold_heads import FoldSettings, fit_fold_heads
     from toolkit.train.folds import assign_folds, held_out, out_of_fold
-    from toolkit.train.stages import load_checkpoint, tensorboard_callbacks
+    from toolkit.train.stages import tensorboard_callbacks
 
     config, splits = run.config, run.splits
     pooled = splits.train + splits.val
@@ -110,18 +110,7 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
     start = time.perf_counter()
     weights = class_weights(list(pooled.counts().values()), config.class_weights)
     weights = None if weights is None else np.asarray([weights[i] for i in range(len(splits.class_names))])
-    best_path, last_path = run.dir / runs.CV_BEST_FILE, Stage.CV.last_weights(run.dir)
-
-    def store(model, progress, best) -> None:
-        with runs.atomic_path(last_path) as tmp:
-            model.save_weights(tmp)
-        save_best(best_path, best)
-        run.save_state()
-
-    def resume_from(model) -> dict:  # as stages.fit_stage resumes: the optimizer is built, so its moments load too
-        load_checkpoint(model.load_weights, last_path)
-        return load_best(best_path)
-
+    store, resume_from = fold_checkpoints(run)
     settings = FoldSettings(head_lr, config.label_smoothing, config.batch_size, config.head_epochs,
                             config.early_stopping_patience, config.seed)
     progress = run.state.stage(Stage.CV)
@@ -138,6 +127,27 @@ def cross_validate(run: Run, backbone, data, folds: int, head_lr: float):
                           per_head, pooled_features, pooled.paths, shipped)
     _audit(run, evaluated, backbone, pooled)
     return model, evaluated
+
+
+def fold_checkpoints(run: Run):
+    """(store, resume_from) for :func:`toolkit.train.fold_heads.fit_fold_heads`: after every epoch the heads' last
+    weights, each head's best weights and the run state are written; an interrupted run continues from them."""
+    from toolkit.train.fold_heads import load_best, save_best
+    from toolkit.train.stages import load_checkpoint
+
+    best_path, last_path = run.dir / runs.CV_BEST_FILE, Stage.CV.last_weights(run.dir)
+
+    def store(model, progress, best) -> None:
+        with runs.atomic_path(last_path) as tmp:
+            model.save_weights(tmp)
+        save_best(best_path, best)
+        run.save_state()
+
+    def resume_from(model) -> dict:  # as stages.fit_stage resumes: the optimizer is built, so its moments load too
+        load_checkpoint(model.load_weights, last_path)
+        return load_best(best_path)
+
+    return store, resume_from
 
 
 def _audit(run: Run, evaluated: OutOfFold, backbone, pooled) -> None:

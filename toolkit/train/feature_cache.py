@@ -94,7 +94,7 @@ def feature_cache(run: Run, backbone, head, data: FitData):
         train_x = np.concatenate([v[0] for v in views])
         train_y = np.concatenate([v[1] for v in views])
         val_x, val_y = view_features(forward, data, val, 1, dtype, bar)[0]
-        _save(cache_path, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+        save_arrays(cache_path, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
 
     head_model = head.on_features(train_x.shape[1:])
     train = data.arrays(train_x, train_y, True, len(splits.train) * views_per_image)
@@ -130,7 +130,7 @@ def all_views_cache(run: Run, backbone, head, data: FitData, split: Split) -> np
     if not all(np.array_equal(y, np.asarray(split.labels)) for _, y in views):
         raise RuntimeError("cross-validation features came out of the image order")
     stacked = np.stack([x for x, _ in views])
-    _save(path, views=stacked)
+    save_arrays(path, views=stacked)
     return stacked
 
 
@@ -141,7 +141,7 @@ def view_features(forward, data: FitData, split: Split, n_views: int, dtype, bar
             for v in range(n_views)]
 
 
-def _save(path: Path, **arrays: np.ndarray) -> None:
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     with runs.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

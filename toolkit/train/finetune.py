@@ -53,7 +53,7 @@ class Prepared:
     config: FinetuneConfig
     target: Path
     overwrite: bool
-    splits: object
+    splits: object  # DatasetSplits; a multi-label run's toolkit.train.multilabel_run.MultiLabelRunData
     fold_members: int
 
 
@@ -75,6 +75,12 @@ def prepare(config: FinetuneConfig, out: str | Path | None = None, overwrite: bo
     if outputs.check_output_dir(target, overwrite, "run", {"--data": [config.data]}) and config.strategy == "multi-worker":
         raise UserError(f"--overwrite with --strategy multi-worker: every worker must write the same folder; "
                         f"remove {str(target)!r} first, or choose another --out")
+    from toolkit.train import multilabel_run
+
+    if multilabel_run.is_multilabel(config.data):
+        checked = multilabel_run.check(config, progress=verbose > 0)
+        multilabel_run.freeze_plan(config, checked, say=False)  # refused now if it cannot be; said when it trains
+        return Prepared(config, target, overwrite, checked, 0)
     if config.data_service:
         distribute.check_reachable(config.data_service, "--data-service")
     splits = load_checked_splits(config, progress=verbose > 0)
@@ -122,8 +128,12 @@ def _run(run_dir: Path, config: FinetuneConfig, scale, splits, verbose: int, res
             return FinetuneResult(run.finish_replacement(), metrics)
         if state.finished:
             raise UserError(f"Run already finished. Received: resume={str(run_dir)!r}; start a new run with --out.")
+        from toolkit.train import multilabel_run
+
+        multi_label = multilabel_run.is_multilabel(config.data)
         if splits is None:
-            splits = resumed_splits(run_dir, config, verbose > 0 and scale.is_chief)
+            splits = (multilabel_run.resumed if multi_label else resumed_splits)(run_dir, config,
+                                                                                verbose > 0 and scale.is_chief)
         work_dir = run_dir if scale.is_chief else worker_dir(run_dir, scale.worker_index, resuming)
         run = Run(config, run_dir, state, verbose, scale, work_dir, splits)
         if work_dir != run_dir:
@@ -134,7 +144,7 @@ def _run(run_dir: Path, config: FinetuneConfig, scale, splits, verbose: int, res
             from toolkit.train.stages import precision
 
             with scale.strategy.scope(), precision(config.mixed_precision):  # variables mirrored over replicas
-                result = _train(run)
+                result = (multilabel_run.train if multi_label else _train)(run)
         except AccuracyGateError as exc:
             exc.run_dir = run.finish_replacement()
             raise

@@ -9,7 +9,8 @@ each parameter's step by its own gradient statistics, so training them in one mo
 models, for the cost of one pass over the features.
 
 Multi-label heads (``FoldHeads(multi_label=True)``) train the same way on an (images, classes) 0/1 target matrix
-instead of class indices: binary cross-entropy per class, early stopping on each head's held-out binary
+instead of class indices: binary cross-entropy per class (with class weights, each class's positive term weighted:
+:class:`PositiveWeightedBinaryCrossentropy`), early stopping on each head's held-out (unweighted) binary
 cross-entropy, and accuracy counted per (image, class) decision at 0.5.
 """
 
@@ -71,6 +72,27 @@ def _accuracy(heads: FoldHeads, probs: np.ndarray, labels: np.ndarray) -> float:
     if heads.multi_label:
         return float(((probs >= 0.5) == (labels > 0)).mean())
     return float((probs.argmax(1) == labels).mean())
+
+
+class PositiveWeightedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy per class, averaged over the classes, with class c's positive term weighted by
+    ``pos_weights[c]`` (None: all 1): a rare label's images count as much as a common label's. ``y`` is
+    (batch, heads, classes); the result (batch, heads), which the training mask then weighs."""
+
+    def __init__(self, pos_weights=None, label_smoothing: float = 0.0, name: str = "weighted_bce"):
+        super().__init__(name=name)
+        self.pos_weights = None if pos_weights is None else np.asarray(pos_weights, np.float32)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        from keras import ops
+
+        y_true = y_true * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        p = ops.clip(y_pred, 1e-7, 1.0 - 1e-7)
+        positive = y_true * ops.log(p)
+        if self.pos_weights is not None:
+            positive = positive * self.pos_weights
+        return -ops.mean(positive + (1.0 - y_true) * ops.log(1.0 - p), axis=-1)
 
 
 def _start(progress: StageState, heads: int) -> None:
@@ -150,8 +172,10 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
     progress = progress if progress is not None else StageState()
     _start(progress, k_heads)
     model = heads.on_features(views.shape[2:])
-    loss = (keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing) if heads.multi_label else
-            keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+    if heads.multi_label:
+        loss = PositiveWeightedBinaryCrossentropy(class_weights, settings.label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
     model.compile(optimizer=keras.optimizers.Adam(settings.lr), loss=loss, steps_per_execution=STEPS_PER_EXECUTION)
     best: dict[int, list[np.ndarray]] = {}
     steps = math.ceil(n * n_views / settings.batch_size)
@@ -162,9 +186,7 @@ def fit_fold_heads(heads: FoldHeads, views: np.ndarray, labels: np.ndarray, held
         model.optimizer.iterations.assign(progress.epochs_done * steps)
     if not progress.done and progress.epochs_done < settings.epochs and not _stopped(progress, settings.patience):
         mask = training_mask(held)
-        if class_weights is not None:
-            if heads.multi_label:
-                raise ValueError("class weights are for single-label heads; multi-label heads weigh no class")
+        if class_weights is not None and not heads.multi_label:  # multi-label: the loss weighs each label's positives
             mask = mask * np.asarray(class_weights, np.float32)[labels][:, None]
         targets = _as_targets(heads, labels)
         flat = views.reshape(n_views * n, *views.shape[2:])

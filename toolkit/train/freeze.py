@@ -66,8 +66,12 @@ def _stages_for_fraction(fraction: float, total: int) -> int:
     return min(total, math.ceil(fraction * total - 1e-9))
 
 
-def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages: Sequence[str]) -> FreezePlan:
+def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages: Sequence[str],
+                counted: str | None = None) -> FreezePlan:
     """Decide which stages train. Pure: same inputs, same plan.
+
+    ``train_images`` / ``num_classes`` is the images per class the rule reads. Multi-label data passes the number of
+    (image, label) pairs and says so in ``counted``, so that the rule reads the images per label.
 
     Raises:
         ValueError: an unknown mode or stage name, or a fraction outside [0, 1].
@@ -84,8 +88,9 @@ def plan_freeze(freeze: str | float, train_images: int, num_classes: int, stages
                 band = f"{threshold}-{upper - 1}" if upper else f">= {threshold}"
                 if threshold == 0:
                     band = f"< {upper}"
-                reason = (f"auto: {train_images} training images, {num_classes} classes, {per_class:.0f} per class "
-                          f"(rule: {band} per class) → {words}")
+                counts, per = (counted, "label") if counted else (f"{train_images} training images, {num_classes} "
+                                                                  "classes", "class")
+                reason = f"auto: {counts}, {per_class:.0f} per {per} (rule: {band} per {per}) → {words}"
                 return FreezePlan("auto", unfrozen, total, stages, reason)
             upper = threshold
     if kind == "all":

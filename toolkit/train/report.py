@@ -83,6 +83,10 @@ def run_metrics(measured: dict[str, Any], run: Run) -> dict[str, Any]:
 
 def accuracy_line(metrics: dict[str, Any]) -> str:
     """The run's accuracy for people, with its uncertainty: out-of-fold for a cross-validated run."""
+    if metrics.get("multi_label"):
+        from toolkit.predict.multilabel_report import estimate_line
+
+        return estimate_line(metrics)
     cv = metrics.get("cv")
     if cv:
         low, high = cv["accuracy_ci95"]
@@ -123,31 +127,43 @@ def _training_lines(run: Run, plan, metrics: dict) -> list[str]:
     return lines
 
 
-def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, measured: dict[str, Any], probs: np.ndarray,
-                      labels: np.ndarray) -> None:
-    """Everything a finished run leaves in its folder besides its checkpoints."""
+def save_model(run: Run, model) -> None:
+    """``model.keras``: plain functional Keras (no training optimizer), loadable in safe mode."""
     import keras
-    import pandas as pd
 
-    from toolkit.predict.figures import curves_png
-    from toolkit.train.report_page import run_page
-
-    # The saved model is plain functional Keras (no training optimizer), loadable in safe mode.
     export = keras.Model(model.input, model.output, name="classifier")
     with runs.atomic_path(run.dir / runs.MODEL_FILE) as tmp:
         export.save(tmp)
-    splits = run.splits
-    runs.write_json(run.dir / runs.METRICS_FILE, metrics)
-    runs.write_json(run.dir / runs.DATA_FILE, {"statistics": stats,
-                                               "problems": [dataclasses.asdict(p) for p in splits.problems]})
+
+
+def write_history(run: Run) -> bytes | None:
+    """``history.csv`` of every stage's epochs and, when there is one, ``curves.png`` (returned)."""
+    import pandas as pd
+
+    from toolkit.predict.figures import curves_png
+
     frame = pd.DataFrame([row for s in run.state.stages.values() for row in s.history])
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     runs.write_text(run.dir / runs.HISTORY_FILE, buffer.getvalue())
-    curves = None
-    if len(frame):
-        curves = curves_png(frame)
-        runs.write_bytes(run.dir / runs.CURVES_FILE, curves)
+    if not len(frame):
+        return None
+    curves = curves_png(frame)
+    runs.write_bytes(run.dir / runs.CURVES_FILE, curves)
+    return curves
+
+
+def write_run_outputs(run: Run, model, stats: dict, plan, metrics: dict, measured: dict[str, Any], probs: np.ndarray,
+                      labels: np.ndarray) -> None:
+    """Everything a finished run leaves in its folder besides its checkpoints."""
+    from toolkit.train.report_page import run_page
+
+    save_model(run, model)
+    splits = run.splits
+    runs.write_json(run.dir / runs.METRICS_FILE, metrics)
+    runs.write_json(run.dir / runs.DATA_FILE, {"statistics": stats,
+                                               "problems": [dataclasses.asdict(p) for p in splits.problems]})
+    curves = write_history(run)
     training = _training_lines(run, plan, metrics)
     timings = "\n".join(f"- {k}: {v} s" for k, v in metrics["timings"].items())
     runs.write_text(run.dir / runs.REPORT_FILE, report_markdown(
