@@ -234,7 +234,7 @@ def _inspect_multilabel(args: argparse.Namespace) -> int:
 
     data = load_multilabel(args.data, progress=True)
     names = data.class_names
-    train = data.splits["train"] + data.splits["val"] if "val" in data.splits else data.splits["train"]
+    train = data.labelled()
     sizes = ", ".join(f"{split} {len(part)}" for split, part in data.splits.items())
     print(f"data: {data.source}")
     print(f"classes: {len(names)}; images: {sizes}; {train.targets.sum(axis=1).mean():.2f} labels per training "

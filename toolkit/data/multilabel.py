@@ -86,6 +86,12 @@ class MultiLabelData:
     problems: tuple[Problem, ...]
     source: str
 
+    def labelled(self) -> MultiLabelSplit:
+        """The images a run trains and cross-validates on: the train rows and the val rows, pooled (test rows are
+        left for evaluation)."""
+        train = self.splits["train"]
+        return train + self.splits["val"] if "val" in self.splits else train
+
     def skipped(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "skipped"]
 

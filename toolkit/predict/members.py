@@ -150,14 +150,14 @@ def load_member(run: str | Path, weight: float = 1.0):
     if not (run / runs.MODEL_FILE).is_file():
         raise UserError(f"Not a trained run folder (no {runs.MODEL_FILE}). Received: model={str(run)!r}")
     config = load_config(run / runs.RECIPE_FILE)  # validated; its defaults are the config's own
-    # a multi-label run's calibration.json holds one temperature per label (read with its thresholds below)
-    temperature = 1.0 if (run / runs.THRESHOLDS_FILE).is_file() else read_temperature(run / runs.CALIBRATION_FILE)
     class_names = runs.read_json(run / runs.CLASSES_FILE, "It lists the class names in label order; restore it.")
     if (not isinstance(class_names, list) or not all(isinstance(c, str) and c for c in class_names)
             or len(set(class_names)) != len(class_names)):
         raise UserError(f"{run / runs.CLASSES_FILE} must be a JSON list of distinct class names. Received: "
                         f"{class_names!r:.100}")
     labels = read_label_decisions(run, class_names)  # checked before the model is read: it costs nothing
+    # a multi-label run's calibration.json holds one temperature per label, read with its thresholds
+    temperature = read_temperature(run / runs.CALIBRATION_FILE) if labels is None else 1.0
     model = _load_keras_model(run / runs.MODEL_FILE)
     outputs = model.output_shape[-1]
     if len(class_names) != outputs:

@@ -27,6 +27,7 @@ import numpy as np
 from toolkit.backbones.head import FoldHeads
 from toolkit.core import runs
 from toolkit.predict.calibration import nll
+from toolkit.predict.label_calibration import binary_nll
 from toolkit.train.folds import out_of_fold, training_mask
 from toolkit.train.run_state import Stage, StageState
 from toolkit.train.stages import load_checkpoint
@@ -61,10 +62,7 @@ def _as_targets(heads: FoldHeads, labels: np.ndarray) -> np.ndarray:
 
 def _held_loss(heads: FoldHeads, probs: np.ndarray, labels: np.ndarray) -> float:
     """The loss early stopping watches: cross-entropy of the true class, or mean binary cross-entropy."""
-    if not heads.multi_label:
-        return nll(probs, labels)
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+    return binary_nll(probs, labels) if heads.multi_label else nll(probs, labels)
 
 
 def _accuracy(heads: FoldHeads, probs: np.ndarray, labels: np.ndarray) -> float:

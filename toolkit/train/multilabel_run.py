@@ -80,7 +80,7 @@ def check(config: FinetuneConfig, progress: bool) -> MultiLabelRunData:
     if len(data.class_names) < 2:
         raise UserError(f"--data {config.data}: the training rows use {len(data.class_names)} label(s) "
                         f"{list(data.class_names)}; a multi-label classifier needs at least two")
-    pooled = data.splits["train"] + data.splits["val"] if "val" in data.splits else data.splits["train"]
+    pooled = data.labelled()
     counts = pooled.targets.sum(axis=0)
     folds = mode if isinstance(mode, int) else max(2, min(AUTO_FOLDS, int(counts.min())))
     check_fold_counts(pooled.targets, data.class_names, folds, f"--data {config.data}")
