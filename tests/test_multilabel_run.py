@@ -107,6 +107,9 @@ def test_predict_writes_every_label_at_or_above_its_threshold(multilabel_run, gr
     assert right >= 4  # exact match on unseen grids (chance with 15 label sets: under 1 in 12)
     assert main(["predict", "--model", str(multilabel_run), "--images", *images[:2], "--out", str(tmp_path / "none.csv"),
                  "--overwrite"]) == 0  # its own multi-label CSV may be replaced
+    readable = pd.read_csv(tmp_path / "none.csv", keep_default_na=False)  # every image readable: the same columns
+    assert readable.columns.tolist() == ["path", "labels", *[f"prob_{n}" for n in NAMES], "error"]
+    assert readable.path.tolist() == images[:2] and (readable.error == "").all()
 
 
 def test_evaluate_and_export_a_multi_label_run(multilabel_run, grids, tmp_path):

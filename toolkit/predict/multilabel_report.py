@@ -61,12 +61,15 @@ def predictions_frame(paths: Sequence[str], probs: np.ndarray, thresholds: np.nd
     table = predictions_table(readable, probs, thresholds, class_names)
     table["path"] = [printable(p) for p in readable]
     table["error"] = ""
-    failed = pd.DataFrame({"path": [printable(p) for p in paths if p in errors], "labels": "",
-                           "error": [errors[p] for p in paths if p in errors]})
-    order = {p: i for i, p in enumerate(paths)}
-    frame = pd.concat([table, failed], ignore_index=True) if len(failed) else table
-    frame["order"] = [order[p] for p in readable] + [order[p] for p in paths if p in errors]
-    return frame.sort_values("order").drop(columns="order").reset_index(drop=True).reindex(columns=list(table.columns))
+    unreadable = [p for p in paths if p in errors]
+    if not unreadable:
+        return table
+    failed = pd.DataFrame({"path": [printable(p) for p in unreadable], "labels": "",
+                           "error": [errors[p] for p in unreadable]})
+    position = {p: i for i, p in enumerate(paths)}
+    order = np.argsort([position[p] for p in readable + unreadable], kind="stable")  # the rows in the input's order
+    return pd.concat([table, failed], ignore_index=True).iloc[order].reset_index(drop=True).reindex(
+        columns=table.columns)
 
 
 def csv_text(frame) -> str:
